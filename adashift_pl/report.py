@@ -1,0 +1,917 @@
+"""Turn a sweep directory into figures and a report: `python -m adashift_pl.report SWEEP_DIR`.
+
+Reads every run's `summary.json` and its TensorBoard scalars (tensorboard's own
+EventAccumulator), then writes into SWEEP_DIR/report/:
+
+    report.md                 tables: per optimizer at its best grid point (mean ± std over
+                              seeds), seed-paired comparison against a baseline (bootstrap CI,
+                              win rate), steps-/time-to-target, every grid point, every run,
+                              failed runs; links to the figures below
+    report.json               the same numbers, machine-readable
+    curves_<metric>.png       one curve per optimizer (its best grid point), mean over seeds
+                              with a ±std band -- Figures 1-7 of the paper
+    grid_<metric>.png         one curve per grid point (Appendix I, Figures 9-15)
+    sensitivity_<key>.png     final selection metric against a grid axis (log x for lr)
+    correlation.png           the corr/* scalars of the MomentCorrelation callback
+
+"Best grid point" follows Section 5 ("the best we have found via parameter grid search"):
+the final value of the task's monitor metric (summary.json `best_metric` name and mode),
+else val/loss (min), else train/loss (min). A run that diverged (summary `diverged`, or a
+non-finite final value) is a miss: it is flagged and counted, never dropped. A run that
+failed (crash, bad flag) has no result; it is listed with its exit code and stderr tail.
+
+The sweep directory is what `python -m adashift_pl.compare` writes (sweep.json + runs/);
+any directory of run directories (e.g. `logs/counterexample`) works too: runs are found
+by their summary.json and grouped by optimizer and the hyper-parameters that differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from adashift_pl.errors import UserError
+
+REPORT_SUBDIR = "report"
+MAX_FACETS = 12  # at most this many corr/* tags in correlation.png (the rest are listed)
+
+# --------------------------------------------------------------------------- statistics
+# Pure functions on plain numbers, unit-tested on fabricated data (tests/test_report.py).
+
+
+def is_finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean and sample std (ddof=1; 0 for one value) of the finite values, and how many there were."""
+    v = np.array([x for x in values if is_finite(x)], dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_boot: int = 10_000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean (resampling the values with
+    replacement). Deterministic for a given `seed`. NaN bounds for no values."""
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan
+    if v.size == 1:
+        return float(v[0]), float(v[0])
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def paired_comparison(candidate: dict[int, float | None], baseline: dict[int, float | None],
+                      mode: str, *, level: float = 0.95, n_boot: int = 10_000) -> dict:
+    """Compare two optimizers seed by seed (the same seed = the same data order and init).
+
+    Values are final metrics keyed by seed; a non-finite value is a miss (the run diverged).
+    `None` means no result (the run failed or was not run): that seed is excluded and counted.
+    Returns the mean difference candidate - baseline over seeds where both are finite with its
+    bootstrap CI, and the win rate over all seeds with a result on both sides: a win is a
+    better finite value or a finite value against a baseline miss; both missing is a tie (1/2).
+    """
+    seeds = sorted(set(candidate) & set(baseline))
+    diffs, wins, ties, losses, excluded = [], 0, 0, 0, 0
+    cand_miss = base_miss = 0
+    for s in seeds:
+        c, b = candidate[s], baseline[s]
+        if c is None or b is None:
+            excluded += 1
+            continue
+        cf, bf = is_finite(c), is_finite(b)
+        cand_miss += not cf
+        base_miss += not bf
+        if cf and bf:
+            diffs.append(c - b)
+            if c == b:
+                ties += 1
+            elif better(c, b, mode):
+                wins += 1
+            else:
+                losses += 1
+        elif cf:
+            wins += 1
+        elif bf:
+            losses += 1
+        else:
+            ties += 1
+    excluded += len(set(candidate) ^ set(baseline))
+    n = wins + ties + losses
+    lo, hi = bootstrap_ci(diffs, level=level, n_boot=n_boot)
+    return {
+        "pairs": n,
+        "finite_pairs": len(diffs),
+        "mean_diff": float(np.mean(diffs)) if diffs else math.nan,
+        "ci_low": lo,
+        "ci_high": hi,
+        "ci_level": level,
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "win_rate": (wins + 0.5 * ties) / n if n else math.nan,
+        "candidate_misses": cand_miss,
+        "baseline_misses": base_miss,
+        "excluded": excluded,
+    }
+
+
+def reaches(value: float, target: float, mode: str) -> bool:
+    return value >= target if mode == "max" else value <= target
+
+
+def time_to_target(steps: Sequence[int], values: Sequence[float], wall_times: Sequence[float],
+                   target: float, mode: str) -> tuple[int, float] | None:
+    """The first logged step whose value reaches `target` (>= for mode max, <= for min) and the
+    seconds from the run's first logged point to it; None if never reached or if the series
+    became non-finite first (a diverged run misses the target)."""
+    if len(steps) == 0:
+        return None
+    t0 = wall_times[0]
+    for step, value, wall in zip(steps, values, wall_times):
+        if not math.isfinite(value):
+            return None
+        if reaches(value, target, mode):
+            return int(step), float(wall - t0)
+    return None
+
+
+def metric_mode(name: str, monitor: tuple[str, str] | None = None) -> str:
+    """max for accuracy-like metrics (acc, bleu, score, fid is min), min for everything else."""
+    if monitor and monitor[0] == name:
+        return monitor[1]
+    last = name.rsplit("/", 1)[-1].lower()
+    return "max" if any(k in last for k in ("acc", "bleu", "score", "auc", "f1")) else "min"
+
+
+def parse_target(text: str) -> tuple[str, float]:
+    """'val/acc=0.9' -> ('val/acc', 0.9)."""
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        raise UserError(f"bad --target {text!r}: expected METRIC=VALUE, e.g. val/acc=0.9") from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Scalar:
+    steps: np.ndarray
+    values: np.ndarray
+    wall_times: np.ndarray
+
+
+@dataclass
+class Run:
+    name: str
+    optimizer: str
+    params: dict              # the grid point, e.g. {"optimizer.lr": 0.01}
+    seed: int | None
+    run_dir: Path | None
+    summary: dict | None = None
+    exit_code: int | None = None
+    error_tail: str | None = None
+    error_file: Path | None = None
+    _scalars: dict | None = field(default=None, repr=False)
+
+    @property
+    def status(self) -> str:
+        """completed | interrupted | failed | missing (no summary and no recorded exit)."""
+        if self.summary is not None:
+            status = self.summary.get("status", "completed")
+            if status == "completed" and self.exit_code not in (None, 0):
+                return "failed"
+            return status
+        return "missing" if self.exit_code is None else "failed"
+
+    @property
+    def point(self) -> tuple:
+        return (self.optimizer, params_key(self.params))
+
+    def final(self, metric: str) -> float | None:
+        """Final value of `metric`: summary final_metrics, else the last logged scalar.
+        None when the run has no result; NaN when it diverged without a finite value."""
+        if self.summary is None:
+            return None
+        value = (self.summary.get("final_metrics") or {}).get(metric)
+        if value is None:
+            s = self.scalars().get(metric)
+            value = float(s.values[-1]) if s is not None and len(s.values) else None
+        if value is None:
+            return math.nan if self.diverged else None
+        # A run that saw a non-finite loss is a miss even if its last value looks finite.
+        return math.nan if self._diverged_flag() else float(value)
+
+    def _diverged_flag(self) -> bool:
+        return bool(self.summary and self.summary.get("diverged"))
+
+    @property
+    def diverged(self) -> bool:
+        if self.summary is None:
+            return False
+        if self._diverged_flag():
+            return True
+        return any(not is_finite(v) for v in (self.summary.get("final_metrics") or {}).values()
+                   if isinstance(v, (int, float)) or v is None)
+
+    def scalars(self) -> dict[str, Scalar]:
+        if self._scalars is None:
+            self._scalars = read_scalars(self.run_dir) if self.run_dir else {}
+        return self._scalars
+
+
+def params_key(params: dict) -> tuple:
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in params.items()))
+
+
+def format_params(params: dict) -> str:
+    if not params:
+        return "(defaults)"
+    return ", ".join(f"{k.removeprefix('optimizer.')}={format_value(v)}" for k, v in params.items())
+
+
+def _sort_params(params: dict) -> tuple:
+    return tuple((k, (0, v, "") if _numeric([v]) else (1, 0, json.dumps(v))) for k, v in sorted(params.items()))
+
+
+def format_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(format_value(x) for x in v) + ")"
+    return str(v)
+
+
+def read_scalars(run_dir: Path) -> dict[str, Scalar]:
+    """All scalar series in the run directory's TensorBoard event files, by tag.
+
+    A resumed run has several event files; a step logged twice keeps its last value."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    if not run_dir.is_dir() or not any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir()):
+        return {}
+    acc = ea.EventAccumulator(str(run_dir), size_guidance={ea.SCALARS: 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags().get("scalars", []):
+        by_step: dict[int, tuple[float, float]] = {}
+        for e in acc.Scalars(tag):
+            by_step[int(e.step)] = (float(e.value), float(e.wall_time))
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        out[tag] = Scalar(steps, np.array([by_step[s][0] for s in steps]),
+                          np.array([by_step[s][1] for s in steps]))
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_runs(sweep_dir: Path) -> tuple[list[Run], dict]:
+    """The runs of a sweep (from sweep.json) or of any directory holding run directories."""
+    plan = _read_json(sweep_dir / "sweep.json")
+    if plan is not None:
+        return [_run_from_plan(sweep_dir, c) for c in plan.get("combos", [])], plan
+    summaries = sorted(sweep_dir.rglob("summary.json"))
+    if not summaries:
+        raise UserError(f"no sweep.json and no run (summary.json) under {sweep_dir}: "
+                        "give a directory written by `python -m adashift_pl.compare` or holding runs")
+    return _runs_from_summaries(sweep_dir, summaries), {}
+
+
+def _run_from_plan(sweep_dir: Path, combo: dict) -> Run:
+    combo_dir = sweep_dir / "runs" / combo["name"]
+    record = _read_json(combo_dir / "compare.json") or {}
+    run_dir = None
+    for candidate in (record.get("run_dir"), combo.get("run_dir")):
+        if candidate:
+            p = Path(candidate)
+            p = p if p.is_absolute() else sweep_dir / p
+            if (p / "summary.json").exists() or run_dir is None:
+                run_dir = p
+    if run_dir is None or not (run_dir / "summary.json").exists():
+        found = sorted(combo_dir.rglob("summary.json"))
+        if found:
+            run_dir = found[0].parent
+    summary = _read_json(run_dir / "summary.json") if run_dir else None
+    error_file = combo_dir / "error.txt"
+    exit_code = record.get("exit_code")
+    return Run(
+        name=combo["name"], optimizer=combo["optimizer"], params=combo.get("params", {}),
+        seed=combo.get("seed"), run_dir=run_dir, summary=summary, exit_code=exit_code,
+        error_tail=record.get("stderr_tail") if exit_code not in (None, 0) else None,
+        error_file=error_file if error_file.exists() else None,
+    )
+
+
+def _runs_from_summaries(root: Path, paths: list[Path]) -> list[Run]:
+    loaded = [(p.parent, _read_json(p)) for p in paths]
+    loaded = [(d, s) for d, s in loaded if s is not None]
+    by_opt: dict[str, list] = {}
+    for d, s in loaded:
+        by_opt.setdefault(s.get("optimizer", "?"), []).append((d, s))
+    runs = []
+    for opt, items in by_opt.items():
+        hps = [((s.get("hparams") or {}).get("optimizer") or {}) for _, s in items]
+        keys = sorted({k for h in hps for k in h if k != "name"})
+        varying = [k for k in keys if len({json.dumps(h.get(k), sort_keys=True) for h in hps}) > 1]
+        for (d, s), h in zip(items, hps):
+            params = {f"optimizer.{k}": h.get(k) for k in varying}
+            runs.append(Run(name=str(d.relative_to(root)), optimizer=opt, params=params,
+                            seed=s.get("seed"), run_dir=d, summary=s))
+    return runs
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+@dataclass
+class Point:
+    """One optimizer at one grid point, over its seeds."""
+    optimizer: str
+    params: dict
+    runs: list[Run]
+
+    def finals(self, metric: str) -> dict[int, float | None]:
+        return {r.seed: r.final(metric) for r in self.runs}
+
+    def score(self, metric: str, mode: str) -> tuple:
+        """Sort key, smaller is better: first fewer misses (diverged, failed), then the
+        mean final value over the finite seeds (sign-flipped for max)."""
+        values = [r.final(metric) for r in self.runs]
+        misses = sum(not is_finite(v) for v in values)
+        m, _, n = mean_std(values)
+        if n == 0:
+            return (misses, 1, 0.0)
+        return (misses, 0, -m if mode == "max" else m)
+
+    @property
+    def label(self) -> str:
+        return self.optimizer if not self.params else f"{self.optimizer} {format_params(self.params)}"
+
+
+def group_points(runs: list[Run]) -> list[Point]:
+    points: dict[tuple, Point] = {}
+    for r in runs:
+        points.setdefault(r.point, Point(r.optimizer, r.params, [])).runs.append(r)
+    for p in points.values():
+        p.runs.sort(key=lambda r: (r.seed is None, r.seed))
+    return list(points.values())
+
+
+def choose_metric(runs: list[Run], select: str | None = None) -> tuple[str, str]:
+    """(name, mode) of the metric that ranks grid points (see the module docstring)."""
+    if select:
+        name, _, mode = select.partition(":")
+        if mode not in ("", "min", "max"):
+            raise UserError(f"bad --select {select!r}: expected METRIC or METRIC:min or METRIC:max")
+        return name, mode or metric_mode(name)
+    for r in runs:
+        bm = (r.summary or {}).get("best_metric")
+        if bm and bm.get("name"):
+            return bm["name"], bm.get("mode") or metric_mode(bm["name"])
+    finals = {k for r in runs for k in ((r.summary or {}).get("final_metrics") or {})}
+    for name in ("val/loss", "train/loss"):
+        if name in finals:
+            return name, "min"
+    if finals:
+        name = sorted(finals)[0]
+        return name, metric_mode(name)
+    return "val/loss", "min"
+
+
+def best_points(points: list[Point], metric: str, mode: str) -> dict[str, Point]:
+    best: dict[str, Point] = {}
+    for p in points:
+        if p.optimizer not in best or p.score(metric, mode) < best[p.optimizer].score(metric, mode):
+            best[p.optimizer] = p
+    return best
+
+
+def aggregate_curves(series: list[Scalar]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Mean and std over seeds on the union of logged steps (each seed interpolated inside its
+    own range only); non-finite values are left out of the mean. Returns steps, mean, std, n."""
+    series = [s for s in series if len(s.steps)]
+    if not series:
+        return np.array([]), np.array([]), np.array([]), 0
+    steps = np.unique(np.concatenate([s.steps for s in series]))
+    rows = []
+    for s in series:
+        v = np.where(np.isfinite(s.values), s.values, np.nan)
+        row = np.interp(steps, s.steps, v, left=np.nan, right=np.nan)
+        if len(s.steps) == 1:
+            row = np.where(steps == s.steps[0], v[0], np.nan)
+        rows.append(row)
+    a = np.vstack(rows)
+    count = np.isfinite(a).sum(axis=0)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(count > 0, np.nansum(a, axis=0) / np.maximum(count, 1), np.nan)
+        var = np.where(count > 1, np.nansum((a - mean) ** 2, axis=0) / np.maximum(count - 1, 1), 0.0)
+    return steps, mean, np.sqrt(var), len(series)
+
+
+# --------------------------------------------------------------------------- figures
+
+PAPER_NAMES = {"adam": "Adam", "amsgrad": "AMSGrad", "adashift": "AdaShift", "sgd": "SGD",
+               "nadam": "NAdam", "non-adashift": "non-AdaShift", "max-adashift": "max-AdaShift",
+               "adashift-temporal": "AdaShift (temporal-only)",
+               "adashift-spatial": "AdaShift (spatial-only)", "adashift-mean": "mean-AdaShift"}
+
+
+def pretty(optimizer: str) -> str:
+    return PAPER_NAMES.get(optimizer, optimizer)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def _new_figure(width: float = 6.4, height: float = 4.2):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig
+
+
+def _use_log_y(values: Iterable[np.ndarray]) -> bool:
+    v = np.concatenate([np.asarray(x, float).ravel() for x in values] or [np.array([])])
+    v = v[np.isfinite(v)]
+    return v.size > 0 and bool((v > 0).all()) and v.max() / v.min() > 1e3
+
+
+def _axis_label(metric: str) -> str:
+    stage, _, name = metric.partition("/")
+    if not name:
+        return metric
+    unit = {"acc": " (fraction correct)", "bleu": " (BLEU)"}.get(name, "")
+    stage_word = {"train": "training", "val": "validation", "test": "test"}.get(stage, stage)
+    return f"{stage_word} {name.replace('_', ' ')}{unit}"
+
+
+def _plot_band(ax, series: list[Scalar], label: str, color=None, linestyle="-"):
+    steps, mean, std, n = aggregate_curves(series)
+    if not len(steps):
+        return None
+    marker = "o" if len(steps) <= 3 else None
+    (line,) = ax.plot(steps, mean, label=label, color=color, linestyle=linestyle, marker=marker, lw=1.5)
+    if n > 1:
+        lo, hi = mean - std, mean + std
+        if ax.get_yscale() == "log":
+            lo = np.where(lo > 0, lo, mean)
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    return line
+
+
+def plot_curves(path: Path, metric: str, groups: list[tuple], title: str) -> bool:
+    """One curve per group (label, runs[, color, linestyle]), mean over seeds with a ±std band."""
+    data = [(g[0], [r.scalars()[metric] for r in g[1] if metric in r.scalars()], g[1], *g[2:])
+            for g in groups]
+    data = [d for d in data if d[1]]
+    if not data:
+        return False
+    fig = _new_figure()
+    ax = fig.subplots()
+    if _use_log_y(s.values for d in data for s in d[1]):
+        ax.set_yscale("log")
+    for label, series, runs, *style in data:
+        n_div = sum(r.diverged for r in runs)
+        extra = f" (n={len(series)}" + (f", {n_div} diverged" if n_div else "") + ")"
+        _plot_band(ax, series, label + extra, *style)
+    ax.set_xlabel("iteration (optimizer steps)")
+    ax.set_ylabel(_axis_label(metric))
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, title="mean ± std over seeds", title_fontsize=8)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def _numeric(values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def plot_sensitivity(path: Path, key: str, points: list[Point], metric: str, mode: str,
+                     title: str) -> bool:
+    """Final `metric` against grid axis `key`: one line per optimizer (and per value of the
+    other grid keys), mean ± std over seeds; log x when the axis spans a decade or more."""
+    lines: dict[tuple, list[Point]] = {}
+    for p in points:
+        if key not in p.params or not any(r.summary is not None for r in p.runs):
+            continue  # a point whose runs all failed has nothing to show (listed in the report)
+        others = {k: v for k, v in p.params.items() if k != key}
+        lines.setdefault((p.optimizer, params_key(others)), []).append(p)
+    lines = {k: v for k, v in lines.items() if len(v) > 1}
+    if not lines:
+        return False
+    all_x = [p.params[key] for ps in lines.values() for p in ps]
+    numeric = _numeric(all_x)
+    if not numeric:
+        cats = []
+        for x in all_x:
+            if format_value(x) not in cats:
+                cats.append(format_value(x))
+    fig = _new_figure()
+    ax = fig.subplots()
+    if numeric and min(all_x) > 0 and max(all_x) / min(all_x) >= 10:
+        ax.set_xscale("log")
+    for (opt, _), ps in lines.items():
+        ps = sorted(ps, key=lambda p: p.params[key] if numeric else cats.index(format_value(p.params[key])))
+        xs, ms, ss, notes = [], [], [], []
+        for p in ps:
+            m, s, n = mean_std(p.finals(metric).values())
+            xs.append(p.params[key] if numeric else cats.index(format_value(p.params[key])))
+            ms.append(m)
+            ss.append(s)
+            misses = sum(not is_finite(v) for v in p.finals(metric).values())
+            notes.append(f"{misses}/{len(p.runs)} miss" if misses else "")
+        others = {k: v for k, v in ps[0].params.items() if k != key}
+        label = pretty(opt) + (f" ({format_params(others)})" if others else "")
+        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=label)
+        for x, m, note in zip(xs, ms, notes):
+            if note:
+                ax.annotate(note, (x, m if math.isfinite(m) else 0), fontsize=7, color="red",
+                            textcoords="offset points", xytext=(4, 4))
+    if not numeric:
+        ax.set_xticks(range(len(cats)), cats)
+    ax.set_xlabel(key.removeprefix("optimizer."))
+    ax.set_ylabel(f"final {_axis_label(metric)} ({'higher' if mode == 'max' else 'lower'} is better)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, title="mean ± std over seeds", title_fontsize=8)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_correlation(path: Path, tags: list[str], groups: list[tuple[str, list[Run]]], title: str) -> bool:
+    if not tags:
+        return False
+    ncols = min(3, len(tags))
+    nrows = math.ceil(len(tags) / ncols)
+    fig = _new_figure(4.2 * ncols, 3.2 * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, tag in zip(axes, tags):
+        for label, runs in groups:
+            series = [r.scalars()[tag] for r in runs if tag in r.scalars()]
+            if series:
+                _plot_band(ax, series, label)
+        ax.axhline(0.0, color="gray", lw=0.8, ls=":")
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("correlation")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(tags):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.{digits}g}"
+
+
+def fmt_mean_std(values: Iterable[float]) -> str:
+    m, s, n = mean_std(values)
+    if n == 0:
+        return "—"
+    return fmt(m) if n == 1 else f"{fmt(m)} ± {fmt(s, 2)}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    esc = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows] + [""])
+
+
+def _rel(path: Path | None, base: Path) -> str:
+    """A markdown link to `path` relative to the report's directory (moves with the sweep)."""
+    if path is None:
+        return "—"
+    rel = os.path.relpath(Path(path).resolve(), base.resolve())
+    return f"[{Path(path).name}]({rel})"
+
+
+def _curve_tags(runs: list[Run]) -> list[str]:
+    """Scalars worth a curve: logged at two or more steps, not corr/*, hp/*, epoch."""
+    tags: dict[str, int] = {}
+    for r in runs:
+        for tag, s in r.scalars().items():
+            tags[tag] = max(tags.get(tag, 0), len(s.steps))
+    skip = ("corr/", "hp/", "hp_metric", "epoch")
+    order = {"train": 0, "val": 1, "test": 2}
+    keep = [t for t, n in tags.items() if n >= 2 and not t.startswith(skip)]
+    return sorted(keep, key=lambda t: (order.get(t.split("/")[0], 3), t))
+
+
+def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
+                 targets: Sequence[str] | None = None, select: str | None = None,
+                 out_dir: Path | str | None = None) -> Path:
+    """Write report.md, report.json and the figures; return the path of report.md."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise UserError(f"sweep directory {sweep_dir} does not exist")
+    runs, plan = load_runs(sweep_dir)
+    out = Path(out_dir) if out_dir else sweep_dir / REPORT_SUBDIR
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    baseline = baseline or plan.get("baseline") or "adam"
+    targets = [parse_target(t) for t in (targets if targets is not None else plan.get("targets", []))]
+    metric, mode = choose_metric(runs, select or plan.get("select"))
+    monitor = (metric, mode)
+    task = plan.get("task") or next((r.summary.get("task") for r in runs if r.summary), "?")
+    title_task = plan.get("title") or task
+
+    points = group_points(runs)
+    best = best_points(points, metric, mode)
+    optimizers = list(dict.fromkeys([c for c in plan.get("optimizers", [])] + [p.optimizer for p in points]))
+    optimizers = [o for o in optimizers if o in best]
+    results = [r for r in runs if r.summary is not None]
+    finals_keys = sorted({k for r in results for k in (r.summary.get("final_metrics") or {})})
+    if metric in finals_keys:
+        finals_keys.remove(metric)
+    finals_keys.insert(0, metric)
+
+    lines = [f"# Optimizer comparison: {title_task}", ""]
+    counts = {s: sum(r.status == s for r in runs) for s in ("completed", "interrupted", "failed", "missing")}
+    n_div = sum(r.diverged for r in runs)
+    lines += [f"Sweep `{sweep_dir.name}`, task `{task}`: {len(runs)} runs: {counts['completed']} completed, "
+              f"{counts['interrupted']} interrupted, {counts['failed']} failed, {counts['missing']} not run; "
+              f"{n_div} diverged (counted as misses).", ""]
+    if plan.get("expect"):
+        lines += [f"Paper: {plan['expect']}", ""]
+    sources = sorted({str(r.summary.get("data_source")) for r in results if r.summary.get("data_source")})
+    if "synthetic" in sources:
+        lines += ["> **Data: SYNTHETIC stand-in** (the real data set was not on disk). These numbers say "
+                  "nothing about the paper's benchmark; see the task's README section to get the real data.", ""]
+    elif sources:
+        lines += [f"Data source: {', '.join(sources)}.", ""]
+    lines += [f"Each optimizer's grid point is chosen by the final `{metric}` ({mode}imized, mean over "
+              "seeds; a point with a diverged or failed seed ranks below one without), as in Section 5 of "
+              "the paper. Values are mean ± sample std over seeds of the final value; 'best' is the best "
+              "value seen during the run (summary.json `best_metric`).", ""]
+
+    # --- main table
+    header = ["optimizer", "chosen hyper-parameters", "seeds ok / run"] + [f"final {k}" for k in finals_keys]
+    has_best = any((r.summary or {}).get("best_metric") for r in results)
+    if has_best:
+        header.append(f"best {metric}")
+    header += ["steps", "wall time (s)"]
+    rows, table_json = [], {}
+    for opt in optimizers:
+        p = best[opt]
+        ok = sum(r.status == "completed" and not r.diverged for r in p.runs)
+        row = [pretty(opt), format_params(p.params), f"{ok} / {len(p.runs)}"]
+        entry = {"params": p.params, "seeds": [r.seed for r in p.runs], "ok": ok, "final": {}}
+        for k in finals_keys:
+            vals = [r.final(k) for r in p.runs]
+            row.append(fmt_mean_std(vals))
+            m, s, n = mean_std(vals)
+            entry["final"][k] = {"mean": m, "std": s, "n": n}
+        if has_best:
+            bvals = [((r.summary or {}).get("best_metric") or {}).get("value") for r in p.runs]
+            bvals = [float(v) if v is not None else None for v in bvals]
+            row.append(fmt_mean_std(bvals))
+            entry["best"] = dict(zip(("mean", "std", "n"), mean_std(bvals)))
+        steps = [r.summary.get("global_step") for r in p.runs if r.summary]
+        walls = [r.summary.get("wall_seconds") for r in p.runs if r.summary]
+        row += [fmt_mean_std([float(x) for x in steps if x is not None]),
+                fmt_mean_std([float(x) for x in walls if x is not None])]
+        entry["wall_seconds"] = dict(zip(("mean", "std", "n"), mean_std([float(x) for x in walls if x is not None])))
+        rows.append(row)
+        table_json[opt] = entry
+    lines += ["## Results (best grid point per optimizer)", ""] + _table(header, rows)
+
+    # --- paired comparison
+    paired_json = {}
+    if baseline in best and len(optimizers) > 1:
+        base = best[baseline]
+        rows = []
+        for opt in optimizers:
+            if opt == baseline:
+                continue
+            res = paired_comparison(best[opt].finals(metric), base.finals(metric), mode)
+            paired_json[opt] = res
+            ci = (f"[{fmt(res['ci_low'])}, {fmt(res['ci_high'])}]" if res["finite_pairs"] > 1 else "— (< 2 pairs)")
+            rows.append([pretty(opt), str(res["pairs"]), fmt(res["mean_diff"]), ci,
+                         f"{res['wins']}-{res['ties']}-{res['losses']}", fmt(res["win_rate"], 3),
+                         str(res["candidate_misses"]), str(res["baseline_misses"]), str(res["excluded"])])
+        direction = "higher" if mode == "max" else "lower"
+        lines += [f"## Seed-paired comparison against {pretty(baseline)}", "",
+                  f"Per seed, final `{metric}` of the optimizer minus that of {pretty(baseline)} (same seed: "
+                  f"same initialisation and data order); {direction} is better. 95% percentile-bootstrap CI "
+                  "of the mean difference over seeds where both runs finished with a finite value. Win rate "
+                  "over all seeds with a result on both sides: a diverged run loses to a finite one; two "
+                  "diverged runs tie. Excluded: seeds where either run failed or was not run.", ""]
+        lines += _table(["optimizer", "pairs", "mean diff", "95% CI", "W-T-L", "win rate",
+                         "misses (opt)", f"misses ({pretty(baseline)})", "excluded"], rows)
+    elif len(optimizers) > 1:
+        lines += [f"(No seed-paired comparison: baseline `{baseline}` is not in this sweep; "
+                  "pass --baseline NAME.)", ""]
+
+    # --- targets
+    target_json = {}
+    for tmetric, tvalue in targets:
+        tmode = metric_mode(tmetric, monitor)
+        rows = []
+        target_json[f"{tmetric}={tvalue:g}"] = {}
+        for opt in optimizers:
+            p = best[opt]
+            hits = []
+            for r in p.runs:
+                s = r.scalars().get(tmetric)
+                hit = time_to_target(s.steps, s.values, s.wall_times, tvalue, tmode) if s is not None else None
+                hits.append(hit)
+            got = [h for h in hits if h is not None]
+            med_steps = float(np.median([h[0] for h in got])) if got else math.nan
+            med_secs = float(np.median([h[1] for h in got])) if got else math.nan
+            target_json[f"{tmetric}={tvalue:g}"][opt] = {"hits": len(got), "runs": len(hits),
+                                                         "per_seed": {str(r.seed): h for r, h in zip(p.runs, hits)},
+                                                         "median_steps": med_steps, "median_seconds": med_secs}
+            rows.append([pretty(opt), f"{len(got)} / {len(hits)}",
+                         fmt(med_steps) if got else "never",
+                         fmt(med_secs, 3) if got else "never",
+                         ", ".join("miss" if h is None else str(h[0]) for h in hits)])
+        lines += [f"## Steps and time to target {tmetric} {'≥' if tmode == 'max' else '≤'} {tvalue:g}", "",
+                  "First logged step reaching the target (AlgoPerf's time-to-result); time is wall clock from "
+                  "the run's first logged point (it includes any pause between an interruption and its resume). "
+                  "A run that never reaches the target, or diverges first, is a miss.", ""]
+        lines += _table(["optimizer", "reached", "median steps", "median seconds", "steps per seed"], rows)
+
+    # --- figures
+    figures = []
+    groups = [(pretty(o), best[o].runs) for o in optimizers]
+    for tag in _curve_tags(results):
+        name = f"curves_{_slug(tag)}.png"
+        if plot_curves(out / name, tag, groups, f"{title_task}: {tag} (best grid point per optimizer)"):
+            figures.append((f"{tag}, best grid point per optimizer", name))
+    if any(len([p for p in points if p.optimizer == o]) > 1 for o in optimizers):
+        # colour = optimizer, line style = grid point; the chosen point is marked
+        all_groups, styles = [], ["-", "--", ":", "-."]
+        for i, opt in enumerate(optimizers):
+            mine = sorted((p for p in points if p.optimizer == opt), key=lambda p: _sort_params(p.params))
+            for j, p in enumerate(mine):
+                chosen = " (chosen)" if best[opt] is p else ""
+                all_groups.append((f"{pretty(opt)} {format_params(p.params)}{chosen}", p.runs,
+                                   f"C{i % 10}", styles[j % len(styles)]))
+        for tag in _curve_tags(results):
+            name = f"grid_{_slug(tag)}.png"
+            if plot_curves(out / name, tag, all_groups, f"{title_task}: {tag}, every grid point"):
+                figures.append((f"{tag}, every grid point", name))
+        keys = list(dict.fromkeys(k for p in points for k in p.params))
+        for key in keys:
+            name = f"sensitivity_{_slug(key.removeprefix('optimizer.'))}.png"
+            if plot_sensitivity(out / name, key, points, metric, mode,
+                                f"{title_task}: sensitivity to {key.removeprefix('optimizer.')}"):
+                figures.append((f"final {metric} against {key}", name))
+    corr_tags = sorted({t for r in results for t in r.scalars() if t.startswith("corr/")})
+    omitted = []
+    if len(corr_tags) > MAX_FACETS:
+        corr_tags.sort(key=lambda t: (t.count("/"), t.count("."), t))
+        corr_tags, omitted = sorted(corr_tags[:MAX_FACETS]), sorted(corr_tags[MAX_FACETS:])
+    if plot_correlation(out / "correlation.png", corr_tags, groups,
+                        f"{title_task}: g_t–v_t correlations (MomentCorrelation), best grid point"):
+        figures.append(("correlation scalars (corr/*)", "correlation.png"))
+    if figures:
+        lines += ["## Figures", ""]
+        for caption, name in figures:
+            lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
+        if omitted:
+            lines += [f"Correlation tags not plotted (per-parameter, see TensorBoard): {len(omitted)}.", ""]
+    corr_summ = [(r, r.summary.get("correlation")) for opt in optimizers for r in best[opt].runs
+                 if r.summary and isinstance(r.summary.get("correlation"), dict)]
+    if corr_summ:
+        keys = sorted({k for _, c in corr_summ for k, v in c.items() if isinstance(v, (int, float))})[:8]
+        if keys:
+            rows = []
+            for opt in optimizers:
+                cs = [(r.summary.get("correlation") or {}) for r in best[opt].runs if r.summary]
+                rows.append([pretty(opt)] + [fmt_mean_std([c.get(k) for c in cs if isinstance(c.get(k), (int, float))])
+                                             for k in keys])
+            lines += ["## Correlation summary (summary.json `correlation`)", ""] + _table(["optimizer"] + keys, rows)
+
+    # --- every grid point
+    rows = []
+    for p in sorted(points, key=lambda p: (p.optimizer, p.score(metric, mode))):
+        vals = p.finals(metric)
+        misses = sum(not is_finite(v) for v in vals.values())
+        walls = [float(r.summary["wall_seconds"]) for r in p.runs if r.summary and r.summary.get("wall_seconds") is not None]
+        rows.append([pretty(p.optimizer), format_params(p.params), str(len(p.runs)),
+                     fmt_mean_std(vals.values()), str(misses),
+                     "yes" if best.get(p.optimizer) is p else "", fmt_mean_std(walls)])
+    lines += ["## Every grid point", ""]
+    lines += _table(["optimizer", "hyper-parameters", "seeds", f"final {metric}", "misses", "chosen",
+                     "wall time (s)"], rows)
+
+    # --- every run
+    rows = []
+    for r in sorted(runs, key=lambda r: r.name):
+        v = r.final(metric)
+        status = r.status + (" (diverged)" if r.diverged else "")
+        rows.append([r.name, pretty(r.optimizer), str(r.seed), status, fmt(v, 6),
+                     str((r.summary or {}).get("global_step", "—")),
+                     fmt((r.summary or {}).get("wall_seconds"), 4), _rel(r.run_dir, out)])
+    lines += ["## Every run", ""]
+    lines += _table(["run", "optimizer", "seed", "status", f"final {metric}", "steps", "wall time (s)",
+                     "run directory"], rows)
+
+    failed = [r for r in runs if r.status in ("failed", "missing", "interrupted")]
+    if failed:
+        lines += ["## Failed, interrupted or missing runs", "",
+                  "Re-run the same `python -m adashift_pl.compare` command to retry them "
+                  "(completed runs are skipped, interrupted ones resume from their last checkpoint).", ""]
+        rows = []
+        for r in failed:
+            last = (r.error_tail or "").strip().splitlines()
+            rows.append([r.name, r.status, fmt(r.exit_code) if r.exit_code is not None else "—",
+                         last[-1][:200] if last else "—", _rel(r.error_file, out)])
+        lines += _table(["run", "status", "exit code", "last stderr line", "stderr tail"], rows)
+
+    report_md = out / "report.md"
+    report_md.write_text("\n".join(lines))
+    report = {
+        "sweep_dir": str(sweep_dir), "task": task, "metric": metric, "mode": mode, "baseline": baseline,
+        "optimizers": table_json, "paired": paired_json, "targets": target_json,
+        "figures": [name for _, name in figures],
+        "runs": [{"name": r.name, "optimizer": r.optimizer, "params": r.params, "seed": r.seed,
+                  "status": r.status, "diverged": r.diverged, "exit_code": r.exit_code,
+                  "final": {k: r.final(k) for k in finals_keys} if r.summary else None,
+                  "run_dir": str(r.run_dir) if r.run_dir else None} for r in runs],
+    }
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=True))
+    tmp.replace(out / "report.json")
+    return report_md
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m adashift_pl.report",
+        description="Figures and report.md for a sweep directory (written by `python -m adashift_pl.compare`) "
+                    "or any directory of runs.")
+    parser.add_argument("sweep_dir", type=Path, help="sweep directory (holds sweep.json and runs/)")
+    parser.add_argument("--baseline", default=None, help="optimizer the others are paired against (default adam)")
+    parser.add_argument("--target", action="append", default=None, metavar="METRIC=VALUE",
+                        help="steps/time to reach it, e.g. val/acc=0.9 (repeatable)")
+    parser.add_argument("--select", default=None, metavar="METRIC[:min|max]",
+                        help="metric that picks each optimizer's best grid point (default: the task's monitor)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default SWEEP_DIR/report)")
+    args = parser.parse_args(argv)
+    try:
+        path = build_report(args.sweep_dir, baseline=args.baseline, targets=args.target,
+                            select=args.select, out_dir=args.out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
