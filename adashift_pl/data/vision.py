@@ -19,8 +19,9 @@ paper's "test accuracy" curves are drawn.
 
 Synthetic stand-ins have the real shapes and classes, split sizes scaled down
 (`synthetic_sizes`), and are learnable: every class has a smooth random
-prototype image, each sample is its prototype mixed with a smooth random
-distractor and pixel noise. Deterministic by `seed`.
+prototype image, each sample is its prototype (shifted by up to 1/8 of the
+image) mixed with a smooth random distractor and pixel noise; a linear model
+reaches roughly 85-99 % on them, a conv net more. Deterministic by `seed`.
 
 Downloads go through `adashift_pl.data.download` (a temporary name, checksum,
 then rename) with the URLs and md5 sums of torchvision's own MNIST / CIFAR10
@@ -66,10 +67,12 @@ class SyntheticImages(Dataset):
     """Learnable class-structured uint8 images (N, C, H, W), deterministic by `seed`.
 
     The class prototypes depend only on `seed` (shared by all splits); the
-    samples of a split depend on (`seed`, `split`).
+    samples of a split depend on (`seed`, `split`). `sparse` thresholds the
+    images into bright blobs on a dark background, like MNIST digits.
     """
 
-    def __init__(self, n: int, num_classes: int, shape: Sequence[int], seed: int, split: int):
+    def __init__(self, n: int, num_classes: int, shape: Sequence[int], seed: int, split: int,
+                 sparse: bool = False):
         c, h, w = shape
         proto_gen = torch.Generator().manual_seed(int(seed))
         protos = _smooth_noise(num_classes, c, h, w, proto_gen)
@@ -78,9 +81,15 @@ class SyntheticImages(Dataset):
         chunks = []
         for start in range(0, n, 512):  # chunked: 64x64 float buffers for thousands of images are large
             y = self.targets[start:start + 512]
+            # each sample: its class prototype moved by up to 1/8 of the image (so a linear model
+            # cannot simply memorise templates), a smooth distractor and pixel noise
+            shifts = torch.randint(-(h // 8), h // 8 + 1, (len(y), 2), generator=gen).tolist()
+            proto = torch.stack([protos[k].roll((dy, dx), (1, 2)) for k, (dy, dx) in zip(y.tolist(), shifts)])
             distractor = _smooth_noise(len(y), c, h, w, gen)
             pixel = torch.rand((len(y), c, h, w), generator=gen)
-            img = 0.55 * protos[y] + 0.30 * distractor + 0.15 * pixel
+            img = 0.45 * proto + 0.35 * distractor + 0.20 * pixel
+            if sparse:  # MNIST-like: dark background, bright blobs (pixel mean ~0.1 like real MNIST)
+                img = (img - 0.55) / 0.2
             chunks.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
         self.data = torch.cat(chunks) if chunks else torch.zeros((0, c, h, w), dtype=torch.uint8)
 
@@ -179,6 +188,7 @@ class _ImageDataModule(L.LightningDataModule):
     mean: tuple[float, ...]
     std: tuple[float, ...]
     synthetic_default: tuple[int, int, int]  # train, val, test sizes of the stand-in
+    synthetic_sparse = False
 
     def __init__(self, dir: str = "data", source: str = "auto", download: bool = False, batch_size: int = 128,
                  num_workers: int = 0, seed: int = 0, val_size: int = 5000, augment: bool = True,
@@ -241,9 +251,9 @@ class _ImageDataModule(L.LightningDataModule):
             train_full, test = self._load_real()
         else:
             n_train, n_val, n_test = self.synthetic_sizes
-            gen_shape = (self.num_classes, self.image_shape, self.seed)
-            train_full = SyntheticImages(n_train + n_val, *gen_shape, split=0)
-            test = SyntheticImages(n_test, *gen_shape, split=1)
+            args = (self.num_classes, self.image_shape, self.seed)
+            train_full = SyntheticImages(n_train + n_val, *args, split=0, sparse=self.synthetic_sparse)
+            test = SyntheticImages(n_test, *args, split=1, sparse=self.synthetic_sparse)
         n = len(train_full)
         val_size = self.val_size if self.data_source == "real" else self.synthetic_sizes[1]
         if self.val_size == 0:
@@ -287,6 +297,7 @@ class MNISTDataModule(_ImageDataModule):
     image_shape = (1, 28, 28)
     mean, std = (0.1307,), (0.3081,)
     synthetic_default = (5000, 1000, 1000)
+    synthetic_sparse = True
     FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
     @property
