@@ -1,0 +1,253 @@
+"""The run directory's bookkeeping for `python -m adashift_pl.train`.
+
+RunCallback: writes config.yaml and the TensorBoard hparams once, prints plain progress
+lines when stdout is not a terminal, tracks the best monitored metric and divergence,
+stops cleanly on SIGINT, saves checkpoints/last.ckpt at the end of training and on
+SIGTERM, stores the resolved config inside every checkpoint (so --resume can check the
+hyper-parameters), and builds summary.json. AtomicCheckpointIO: every checkpoint is
+written to a temporary file in the same directory and renamed into place, so a crash
+never leaves a half-written checkpoint.
+
+Only rank 0 writes files (Lightning's own checkpoint saving is rank-0 already).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from adashift_pl.config import dump_yaml, plain
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to `<name>.tmp` in the same directory, fsync, then os.replace into place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout this package runs from (None when installed from a wheel)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 else None
+        if commit:
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def _scalar(v) -> float | None:
+    try:
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                return None
+            v = v.detach().float().item()
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+class RunCallback(Callback):
+    def __init__(self, run_dir: Path, config: dict, hparams: dict, monitor: tuple[str, str] | None,
+                 ckpt_key: str, interactive: bool):
+        self.run_dir = Path(run_dir)
+        self.config = plain(config)
+        self.hparams = hparams
+        self.monitor = monitor
+        self.ckpt_key = ckpt_key
+        self.interactive = interactive
+        self.interrupted: str | None = None  # "SIGINT" / "SIGTERM" once a signal arrived
+        self.best: dict | None = None
+        self.diverged = False
+        self.prior_seconds = 0.0  # wall seconds of earlier sessions of this run (restored on resume)
+        self._t0 = time.time()
+        self._last_print_step = -1
+        self._print_t = time.time()
+        self._print_step = 0
+
+    # ---- state across --resume -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"best": self.best, "diverged": self.diverged,
+                "wall_seconds": self.prior_seconds + (time.time() - self._t0)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict.get("best")
+        self.diverged = bool(state_dict.get("diverged", False))
+        self.prior_seconds = float(state_dict.get("wall_seconds", 0.0))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[self.ckpt_key] = {"config": self.config, "run_dir": str(self.run_dir)}
+
+    # ---- start ---------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._t0 = time.time()
+        if trainer.global_rank == 0:
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.config))
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        for logger in trainer.loggers:  # rank-zero-only inside the logger
+            logger.log_hyperparams({k: (str(v) if isinstance(v, (list, tuple, dict)) or v is None else v)
+                                    for k, v in self.hparams.items()})
+        if trainer.global_rank == 0 and not self.interactive:
+            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+            print(f"training {self.config['task']} with {self.config['optimizer']['name']}: "
+                  f"{total} steps, run dir {self.run_dir}", flush=True)
+        self._print_t, self._print_step = time.time(), trainer.global_step
+
+    # ---- every step ----------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce_boolean_decision(bool(self.interrupted), all=False)
+            if flag and not self.interrupted:
+                self.interrupted = "SIGINT"
+        if self.interrupted:
+            trainer.should_stop = True
+        step = trainer.global_step
+        every = self._print_every(trainer)
+        if step % every == 0 and step != self._last_print_step:
+            self._last_print_step = step
+            self._check_finite(trainer)
+            if trainer.global_rank == 0 and not self.interactive:
+                self._print_progress(trainer)
+
+    def _print_every(self, trainer) -> int:
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        n = max(1, trainer.log_every_n_steps or 1)
+        if math.isfinite(total):
+            n = max(n, int(total) // 20)
+        return n
+
+    def _print_progress(self, trainer) -> None:
+        now = time.time()
+        rate = (trainer.global_step - self._print_step) / max(now - self._print_t, 1e-9)
+        self._print_t, self._print_step = now, trainer.global_step
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+        shown = ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())
+                          if v is not None and not k.startswith(("corr/", "lr-")))
+        print(f"step {trainer.global_step}{f'/{total}' if total else ''} epoch {trainer.current_epoch} "
+              f"({rate:.0f} steps/s) {shown}", flush=True)
+
+    def _check_finite(self, trainer) -> None:
+        for k, v in trainer.callback_metrics.items():
+            if k.endswith("loss") and (s := _scalar(v)) is not None and not math.isfinite(s):
+                self.diverged = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self._check_finite(trainer)
+        if self.monitor and self.monitor[0] in trainer.callback_metrics:
+            value = _scalar(trainer.callback_metrics[self.monitor[0]])
+            if value is not None and math.isfinite(value):
+                better = self.best is None or (value > self.best["value"] if self.monitor[1] == "max"
+                                               else value < self.best["value"])
+                if better:
+                    self.best = {"name": self.monitor[0], "mode": self.monitor[1], "value": value,
+                                 "step": trainer.global_step}
+
+    # ---- end -----------------------------------------------------------------------------------
+    def on_train_end(self, trainer, pl_module) -> None:
+        # The final state as last.ckpt (Lightning's save_last only fires with a periodic save).
+        trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            # Raised by Lightning's loop at a step boundary: the state is consistent, keep it.
+            self.interrupted = "SIGTERM"
+            trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt")
+
+    def make_summary(self, *, trainer, task, optimizer, run_name, seed, data_source, status, session_seconds,
+                     best_ckpt, correlation, provenance, module) -> dict:
+        final = {}
+        for k, v in trainer.callback_metrics.items():
+            s = _scalar(v)
+            if s is not None:
+                final[k] = s
+        for k, v in final.items():
+            if k.endswith("loss") and not math.isfinite(v):
+                self.diverged = True
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        extra = {}
+        if hasattr(module, "summary_extra"):
+            try:
+                extra = plain(module.summary_extra())
+            except Exception as e:  # never lose the summary over an extra
+                extra = {"error": str(e)}
+        return {
+            "task": task, "optimizer": optimizer, "run_name": run_name, "run_dir": str(self.run_dir),
+            "seed": seed, "data_source": data_source, "status": status, "diverged": self.diverged,
+            "global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch),
+            "wall_seconds": round(self.prior_seconds + session_seconds, 3),
+            "hparams": {k: self.config.get(k) for k in ("optimizer", "model", "data", "trainer")},
+            "final_metrics": final,
+            "best_metric": self.best,
+            "correlation": correlation,
+            "last_checkpoint": str(last) if last.is_file() else None,
+            "best_checkpoint": (best_ckpt.best_model_path or None) if best_ckpt is not None else None,
+            "provenance": provenance,
+            "extra": extra,
+        }
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return _json_safe(x.item())
+    return str(x)

@@ -1,0 +1,558 @@
+"""`python -m adashift_pl.train` -- the one entry point for training.
+
+    python -m adashift_pl.train --task counterexample --optimizer adashift
+    python -m adashift_pl.train --task quadratic --optimizer adam --optimizer.lr 1e-3 --trainer.max_steps 500
+    python -m adashift_pl.train --task quadratic --optimizer adam --resume last
+    python -m adashift_pl.train --list
+
+Flow: parse the command line -> load configs/<task>.yaml (or --config) -> merge the
+overrides (code defaults < YAML < command line, left to right) -> check the
+optimizer section by building it once on a dummy parameter -> build the task's
+LightningModule and DataModule -> lightning.Trainer (TensorBoard logger, checkpoints,
+the MomentCorrelation callback) -> fit -> summary.json in the run directory, whose path
+is the last line printed.
+
+User errors exit with code 2 and one line on stderr (no traceback). A completed run
+exits 0; a run stopped by SIGINT/SIGTERM exits 130/143 after saving
+checkpoints/last.ckpt and a summary.json with status "interrupted".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from adashift_pl.config import (
+    default_config_path,
+    dump_yaml,
+    flatten,
+    load_yaml,
+    merge,
+    overrides_to_dict,
+    plain,
+    split_overrides,
+)
+from adashift_pl.errors import UserError
+
+# Code defaults: the lowest layer of the config.
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "model": {},
+    "data": {},
+    "trainer": {"log_every_n_steps": 50},
+    "optimizer": {},
+    # Checkpoints besides last.ckpt: the `keep` latest periodic ones (every epoch, or every
+    # N optimizer steps), and the best one by the task's MONITOR when it has one.
+    "checkpoint": {"every_n_train_steps": None, "every_n_epochs": 1, "keep": 3},
+}
+# Sections that define *what* is trained: changing one of them on --resume would be silently
+# overwritten by the checkpoint's state (optimizer param_groups, weights), so it is refused.
+HPARAM_SECTIONS = ("seed", "model", "data", "optimizer")
+RUN_NAME_ENV = "ADASHIFT_PL_RUN_NAME"  # lets DDP worker processes agree on rank 0's run directory
+CKPT_KEY = "adashift_pl"  # our entry in every checkpoint: the resolved config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (via UserError), no usage block
+        raise UserError(f"{message} (see --help)")
+
+
+def _bool(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("true", "1", "yes", "on"):
+        return True
+    if t in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}: allowed are true, false")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m adashift_pl.train",
+        allow_abbrev=False,
+        description="Train a task of the AdaShift paper with one optimizer. Dotted overrides "
+        "--model.KEY V, --data.KEY V, --trainer.KEY V (any lightning.Trainer argument), "
+        "--optimizer.KEY V, --correlation.KEY V, --checkpoint.KEY V take YAML values (1e-3, true, [0.9,0.999]).",
+    )
+    p.add_argument("--task", help="task name (see --list)")
+    p.add_argument("--optimizer", help="optimizer name; picks that block of the config's optimizer: section")
+    p.add_argument("--config", help="YAML config (default: configs/<task>.yaml)")
+    p.add_argument("--seed", type=int, help="seed (default: the config's, else 0)")
+    p.add_argument("--resume", metavar="last|PATH", help="continue the latest run of task/optimizer, or a checkpoint")
+    p.add_argument("--log-dir", default="logs", help="root of the run directories (default: logs)")
+    p.add_argument("--run-name", help="run directory name (default: version_N)")
+    p.add_argument("--correlation", type=_bool, default=True, metavar="true|false",
+                   help="attach the MomentCorrelation callback (default: true)")
+    p.add_argument("--list", action="store_true", help="list tasks, optimizers and their defaults, then exit")
+    return p
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code (0 ok, 2 user error, 130/143 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except UserError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+
+
+# ----------------------------------------------------------------------------------------------
+# --list
+# ----------------------------------------------------------------------------------------------
+def _list() -> int:
+    from adashift_pl.optim import list_optimizers
+    from adashift_pl.tasks import TASKS, get_task
+
+    print("tasks:")
+    for name in TASKS:
+        try:
+            desc = get_task(name).DESCRIPTION
+        except Exception as e:  # a task whose module is missing or broken is still listed
+            desc = f"(not available: {_one_line(e)})"
+        print(f"  {name:24s} {desc}")
+    print("optimizers (factory defaults; a config's optimizer: block overrides them):")
+    for name, defaults in list_optimizers().items():
+        print(f"  {name:24s} {', '.join(f'{k}={v}' for k, v in defaults.items())}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# config resolution
+# ----------------------------------------------------------------------------------------------
+def resolve_optimizer(name: str, block: dict | None, cli: dict) -> dict:
+    """{"name": X, **factory defaults, **config block X, **--optimizer.KEY overrides}, checked.
+
+    The section is validated by building the optimizer once on a dummy parameter, so a bad
+    value fails before any data is touched.
+    """
+    import torch
+
+    from adashift_pl.optim import ALIASES, OPTIMIZERS, build_optimizer
+
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {name!r}: allowed are {', '.join(sorted([*OPTIMIZERS, *ALIASES]))}")
+    if block is not None and not isinstance(block, dict):
+        raise UserError(f"config optimizer.{name} must be a mapping of hyper-parameters, got {block!r}")
+    hp = merge(plain(dict(OPTIMIZERS[key].defaults)), merge(block or {}, cli))
+    hp.pop("name", None)
+    try:
+        build_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], **hp)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"invalid optimizer setting for {name!r}: {_one_line(e)}") from None
+    return {"name": name, **hp}
+
+
+def _trainer_keys() -> set[str]:
+    import lightning
+
+    return {k for k in inspect.signature(lightning.Trainer.__init__).parameters if k != "self"}
+
+
+# Keys of `trainer:` that train.py sets itself.
+_OWNED_TRAINER_KEYS = {"logger", "callbacks", "plugins", "default_root_dir"}
+
+
+def check_trainer_section(trainer: dict) -> None:
+    allowed = _trainer_keys() - _OWNED_TRAINER_KEYS
+    unknown = sorted(set(trainer) - allowed)
+    if unknown:
+        raise UserError(f"unknown trainer key(s) {', '.join(unknown)}: allowed are lightning.Trainer arguments "
+                        f"({', '.join(sorted(allowed))})")
+
+
+def check_strategy(trainer: dict, optimizer: dict) -> None:
+    """Refuse sharding strategies when phi reduces over a block (it would reduce over a shard)."""
+    strategy = str(trainer.get("strategy", "auto")).lower()
+    if "fsdp" not in strategy and "deepspeed" not in strategy:
+        return
+    import torch
+
+    from adashift_pl.optim import build_optimizer
+
+    opt = build_optimizer(optimizer["name"], [torch.nn.Parameter(torch.zeros(2))],
+                          **{k: v for k, v in optimizer.items() if k != "name"})
+    spatial_op = opt.param_groups[0].get("spatial_op", "none")
+    if spatial_op != "none":
+        raise UserError(
+            f"strategy {trainer['strategy']!r} shards parameters, so {optimizer['name']}'s spatial_op="
+            f"{spatial_op!r} would reduce over a shard instead of a whole tensor: use strategy ddp, "
+            f"or an optimizer with spatial_op none (non-adashift, adam, amsgrad, nadam, sgd)")
+
+
+def _unexpected_kwarg(e: TypeError) -> str | None:
+    m = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+    return m.group(1) if m else None
+
+
+def _init_keys(task_module, base) -> list[str]:
+    """Constructor arguments of the task module's LightningModule/DataModule classes (for error messages)."""
+    keys: set[str] = set()
+    for obj in vars(task_module).values():
+        if inspect.isclass(obj) and issubclass(obj, base) and obj is not base:
+            keys |= {k for k, p in inspect.signature(obj.__init__).parameters.items()
+                     if k not in ("self", "optimizer", "seed") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return sorted(keys)
+
+
+def build_task(task_name: str, task_module, cfg: dict):
+    import lightning
+
+    try:
+        return task_module.build(model=dict(cfg["model"]), data=dict(cfg["data"]),
+                                 optimizer=dict(cfg["optimizer"]), seed=int(cfg["seed"]))
+    except TypeError as e:
+        key = _unexpected_kwarg(e)
+        if key is None:
+            raise
+        if key in cfg["model"]:
+            section, allowed = "model", _init_keys(task_module, lightning.LightningModule)
+        elif key in cfg["data"]:
+            section, allowed = "data", _init_keys(task_module, lightning.LightningDataModule)
+        else:
+            raise
+        raise UserError(f"unknown {section} key {key!r} for task {task_name}: allowed are "
+                        f"{', '.join(allowed) or '(none)'}") from None
+
+
+def next_version(root: Path) -> str:
+    """version_N with N one more than the largest existing (Lightning's own numbering)."""
+    nums = [int(m.group(1)) for d in (root.iterdir() if root.is_dir() else [])
+            if d.is_dir() and (m := re.fullmatch(r"version_(\d+)", d.name))]
+    return f"version_{max(nums) + 1 if nums else 0}"
+
+
+def _rank_from_env() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def find_last_checkpoint(log_dir: Path, task: str, optimizer: str) -> Path:
+    root = log_dir / task / optimizer
+    candidates = [d / "checkpoints" / "last.ckpt" for d in (root.iterdir() if root.is_dir() else [])]
+    candidates = [c for c in candidates if c.is_file()]
+    if not candidates:
+        raise UserError(f"--resume last: no run with checkpoints/last.ckpt under {root}; "
+                        f"start a run without --resume, or pass a checkpoint path")
+    return max(candidates, key=lambda c: c.stat().st_mtime)
+
+
+def load_checkpoint_config(path: Path) -> dict:
+    import torch
+
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a checkpoint holding non-tensor objects: it is the user's own file
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
+    meta = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
+    if not meta or "config" not in meta:
+        raise UserError(f"checkpoint {path} was not written by adashift_pl.train (no {CKPT_KEY!r} entry): "
+                        f"its hyper-parameters cannot be checked, so it cannot be resumed here")
+    return meta["config"]
+
+
+def hparam_differences(saved: dict, new: dict) -> list[str]:
+    diffs = []
+    for section in HPARAM_SECTIONS:
+        a = flatten({section: saved.get(section)}) if isinstance(saved.get(section), dict) else {section: saved.get(section)}
+        b = flatten({section: new.get(section)}) if isinstance(new.get(section), dict) else {section: new.get(section)}
+        for k in sorted(set(a) | set(b)):
+            if plain(a.get(k)) != plain(b.get(k)):
+                diffs.append(f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}")
+    return diffs
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+def _run(argv: list[str]) -> int:
+    rest, dotted = split_overrides(argv)
+    args = make_parser().parse_args(rest)
+    if args.list:
+        return _list()
+    cli = overrides_to_dict(dotted)
+
+    from adashift_pl.tasks import get_task
+
+    log_dir = Path(args.log_dir)
+    resume_ckpt: Path | None = None
+    saved_cfg: dict | None = None
+    if args.resume is not None:
+        if args.resume == "last":
+            if not args.task or not args.optimizer:
+                raise UserError("--resume last needs --task and --optimizer (to find logs/<task>/<optimizer>/)")
+            resume_ckpt = find_last_checkpoint(log_dir, args.task, args.optimizer)
+        else:
+            resume_ckpt = Path(args.resume)
+            if not resume_ckpt.is_file():
+                raise UserError(f"--resume {args.resume}: no such checkpoint file (allowed: last, or a .ckpt path)")
+        saved_cfg = load_checkpoint_config(resume_ckpt)
+        for flag, value in (("task", args.task), ("optimizer", args.optimizer)):
+            if value is not None and value != saved_cfg.get(flag):
+                raise UserError(f"--{flag} {value} differs from the checkpoint's {saved_cfg.get(flag)!r} "
+                                f"({resume_ckpt}): resume with the same {flag}, or start a new run")
+        args.task, args.optimizer = saved_cfg["task"], saved_cfg["optimizer"]["name"]
+
+    # ---- config layers: code defaults < (checkpoint config on resume) < YAML < command line
+    file_cfg: dict = {}
+    if args.config:
+        file_cfg = load_yaml(args.config)
+    elif saved_cfg is None and args.task:
+        path = default_config_path(args.task)
+        file_cfg = load_yaml(path) if path else {}
+    task_name = args.task or file_cfg.get("task")
+    if not task_name:
+        raise UserError("no task given: use --task NAME (see --list)")
+    if file_cfg.get("task") not in (None, task_name):
+        raise UserError(f"config {args.config} is for task {file_cfg.get('task')!r}, not {task_name!r}")
+    if not args.optimizer:
+        raise UserError("no optimizer given: use --optimizer NAME (see --list)")
+    task_module = get_task(task_name)
+
+    blocks = merge(file_cfg.get("optimizer") or {}, {})
+    if not isinstance(blocks, dict):
+        raise UserError("the config's optimizer: section must map optimizer names to hyper-parameters")
+    for section in ("model", "data", "trainer", "checkpoint"):
+        if file_cfg.get(section) is not None and not isinstance(file_cfg[section], dict):
+            raise UserError(f"the config's {section}: section must be a mapping, got {file_cfg[section]!r}")
+    if saved_cfg is not None:
+        base = {k: v for k, v in saved_cfg.items() if k not in ("optimizer",)}
+        opt_base = {k: v for k, v in saved_cfg["optimizer"].items() if k != "name"}
+    else:
+        base, opt_base = DEFAULTS, {}
+    cfg = merge(base, {k: v for k, v in file_cfg.items() if k not in ("optimizer", "task")})
+    corr_file = file_cfg.get("correlation", saved_cfg.get("correlation") if saved_cfg else None)
+    cfg = merge(cfg, {k: v for k, v in cli.items() if k != "optimizer"})
+    cfg["task"] = task_name
+    if args.seed is not None:
+        cfg["seed"] = args.seed
+    if not isinstance(cfg.get("seed"), int):
+        raise UserError(f"invalid seed {cfg.get('seed')!r}: allowed is an integer")
+    opt_block = merge(opt_base, blocks.get(args.optimizer) or {}) if saved_cfg is None or args.optimizer in blocks \
+        else opt_base
+    cfg["optimizer"] = resolve_optimizer(args.optimizer, opt_block, cli.get("optimizer", {}))
+    corr_knobs = merge(corr_file or {}, cli.get("correlation", {})) if (corr_file or cli.get("correlation")) else None
+    cfg["correlation"] = corr_knobs
+    check_trainer_section(cfg["trainer"])
+    check_strategy(cfg["trainer"], cfg["optimizer"])
+    if saved_cfg is not None:
+        diffs = hparam_differences(saved_cfg, cfg)
+        if diffs:
+            raise UserError(
+                f"cannot resume {resume_ckpt} with changed hyper-parameters ({'; '.join(diffs)}): the checkpoint's "
+                f"state would silently replace them. Resume without those flags (trainer settings such as "
+                f"--trainer.max_steps may change), or start a new run without --resume")
+
+    # ---- run directory (rank 0 decides; DDP workers inherit the name through the environment)
+    optimizer_name = args.optimizer
+    if resume_ckpt is not None and resume_ckpt.parent.name == "checkpoints" \
+            and (resume_ckpt.parent.parent / "config.yaml").is_file():
+        run_dir = resume_ckpt.parent.parent
+        log_dir = run_dir.parent.parent.parent
+        run_name = run_dir.name
+    else:
+        run_name = args.run_name or os.environ.get(RUN_NAME_ENV) or next_version(log_dir / task_name / optimizer_name)
+        run_dir = log_dir / task_name / optimizer_name / run_name
+    os.environ[RUN_NAME_ENV] = run_name
+    if args.run_name and resume_ckpt is None and _rank_from_env() == 0 and (run_dir / "checkpoints").exists():
+        raise UserError(f"run directory {run_dir} already holds a run: choose another --run-name, "
+                        f"or continue it with --resume {run_dir / 'checkpoints' / 'last.ckpt'}")
+
+    return _fit(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt)
+
+
+def _fit(args, argv, cfg, task_module, run_dir: Path, run_name: str, log_dir: Path, resume_ckpt: Path | None) -> int:
+    import lightning
+    import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from adashift_pl.run import AtomicCheckpointIO, RunCallback, git_commit
+
+    task_name, optimizer_name = cfg["task"], cfg["optimizer"]["name"]
+    lightning.seed_everything(cfg["seed"], workers=True, verbose=False)
+    module, datamodule = build_task(task_name, task_module, cfg)
+    data_source = getattr(datamodule, "data_source", None)
+    n_params = sum(p.numel() for p in module.parameters())
+    n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    # train.py logs one complete hparams set itself (resolved config + counts + data source).
+    module._log_hyperparams = False
+    datamodule._log_hyperparams = False
+
+    monitor = getattr(task_module, "MONITOR", None)
+    ck = cfg["checkpoint"]
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks: list = []
+    periodic = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="periodic-{epoch}-{step}", monitor="step", mode="max",
+        save_top_k=int(ck.get("keep", 3)), save_last=True,
+        every_n_train_steps=ck.get("every_n_train_steps"),
+        every_n_epochs=None if ck.get("every_n_train_steps") else ck.get("every_n_epochs", 1),
+        auto_insert_metric_name=True,
+    )
+    callbacks.append(periodic)
+    best = None
+    if monitor:
+        best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch}-{step}", monitor=monitor[0],
+                               mode=monitor[1], save_top_k=1)
+        callbacks.append(best)
+    callbacks.append(LearningRateMonitor(logging_interval="step"))
+    corr_cb = None
+    if args.correlation:
+        corr_cb = make_correlation_callback(cfg.get("correlation"))
+        if corr_cb is not None:
+            callbacks.append(corr_cb)
+    hparams = {
+        **flatten({k: cfg[k] for k in ("seed", "model", "data", "optimizer", "trainer")}),
+        "task": task_name, "run_name": run_name, "data_source": data_source,
+        "params/total": n_params, "params/trainable": n_trainable,
+    }
+    run_cb = RunCallback(run_dir=run_dir, config=cfg, hparams=hparams, monitor=monitor,
+                         ckpt_key=CKPT_KEY, interactive=sys.stdout.isatty())
+    callbacks.append(run_cb)
+
+    trainer_kwargs = dict(cfg["trainer"])
+    trainer_kwargs.setdefault("enable_progress_bar", sys.stdout.isatty())
+    trainer_kwargs.setdefault("enable_model_summary", sys.stdout.isatty())
+    logger = TensorBoardLogger(save_dir=str(log_dir), name=f"{task_name}/{optimizer_name}", version=run_name,
+                               default_hp_metric=False)
+    try:
+        trainer = lightning.Trainer(logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                                    default_root_dir=str(run_dir), **trainer_kwargs)
+    except Exception as e:  # Lightning's MisconfigurationException/ValueError: a bad trainer value
+        if type(e).__name__ in ("MisconfigurationException", "ValueError", "TypeError", "RuntimeError"):
+            raise UserError(f"invalid trainer setting: {_one_line(e)}") from None
+        raise
+
+    started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    provenance = {
+        "command": [sys.executable, "-m", "adashift_pl.train", *argv],
+        "versions": _versions(),
+        "git_commit": git_commit(),
+        "device": None,
+        "precision": str(trainer.precision),
+        "hostname": socket.gethostname(),
+        "started_at": started_at,
+    }
+
+    status, code = "failed", 1
+    previous = _install_sigint(run_cb)
+    t0 = time.time()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        status, code = ("interrupted", 130) if run_cb.interrupted else ("completed", 0)
+    except KeyboardInterrupt:
+        status, code = "interrupted", 130
+    except SystemExit as e:  # Lightning's SIGTERMException, or its sys.exit(1) after a KeyboardInterrupt
+        status, code = "interrupted", 143 if type(e).__name__ == "SIGTERMException" else 130
+    finally:
+        signal.signal(signal.SIGINT, previous) if previous is not None else None
+        if trainer.global_rank == 0:
+            provenance["device"] = _device_name(trainer)
+            summary = run_cb.make_summary(
+                trainer=trainer, task=task_name, optimizer=optimizer_name, run_name=run_name, seed=cfg["seed"],
+                data_source=data_source, status=status, session_seconds=time.time() - t0,
+                best_ckpt=best, correlation=corr_cb.summary() if corr_cb is not None else None,
+                provenance=provenance, module=module)
+            run_cb.write_summary(summary)
+            if status != "failed":
+                _print_summary(summary)
+                print(str(run_dir), flush=True)
+    return code if trainer.global_rank == 0 else (0 if code == 0 else code)
+
+
+def make_correlation_callback(knobs: dict | None):
+    """MomentCorrelation(**knobs) from the config's correlation: section (no section: its defaults)."""
+    try:
+        from adashift_pl.callbacks import MomentCorrelation
+    except ImportError:
+        try:
+            from adashift_pl.callbacks.correlation import MomentCorrelation
+        except ImportError:
+            print("warning: adashift_pl.callbacks.MomentCorrelation is not available; running without it",
+                  file=sys.stderr)
+            return None
+    try:
+        return MomentCorrelation(**(knobs or {}))
+    except TypeError as e:
+        key = _unexpected_kwarg(e)
+        allowed = [k for k in inspect.signature(MomentCorrelation.__init__).parameters if k != "self"]
+        raise UserError(f"unknown correlation key {key!r}: allowed are {', '.join(allowed)}") from None
+    except ValueError as e:
+        raise UserError(f"invalid correlation setting: {_one_line(e)}") from None
+
+
+def _install_sigint(run_cb):
+    """First Ctrl-C: finish the current step, save last.ckpt, exit 130. Second: abort at once."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        if run_cb.interrupted:
+            raise KeyboardInterrupt
+        run_cb.interrupted = "SIGINT"
+        print("\ninterrupt: stopping after this step and saving checkpoints/last.ckpt "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _versions() -> dict:
+    import lightning
+    import torch
+
+    import adashift_pl
+
+    return {"torch": torch.__version__, "lightning": lightning.__version__, "adashift_pl": adashift_pl.__version__}
+
+
+def _device_name(trainer) -> str:
+    import torch
+
+    dev = trainer.strategy.root_device
+    name = str(dev)
+    if dev.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(dev)})"
+    if trainer.world_size > 1:
+        name += f" x{trainer.world_size} ({type(trainer.strategy).__name__})"
+    return name
+
+
+def _print_summary(s: dict) -> None:
+    metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(s["final_metrics"].items())
+                        if not k.startswith(("lr-", "corr/")))
+    print(f"{s['status']}: {s['task']} / {s['optimizer']}  step {s['global_step']}  "
+          f"{s['wall_seconds']:.1f} s  data {s['data_source']}", flush=True)
+    if metrics:
+        print(f"final: {metrics}", flush=True)
+    if s.get("best_metric"):
+        b = s["best_metric"]
+        print(f"best {b['name']} ({b['mode']}) = {b['value']:.6g} at step {b['step']}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
