@@ -396,14 +396,20 @@ def choose_metric(runs: list[Run], select: str | None = None) -> tuple[str, str]
         bm = (r.summary or {}).get("best_metric")
         if bm and bm.get("name"):
             return bm["name"], bm.get("mode") or metric_mode(bm["name"])
-    finals = {k for r in runs for k in ((r.summary or {}).get("final_metrics") or {})}
-    for name in ("val/loss", "train/loss"):
+    finals = {k for r in runs for k in ((r.summary or {}).get("final_metrics") or {}) if _is_metric(k)}
+    val_losses = sorted(k for k in finals if k.startswith("val/") and "loss" in k)
+    for name in ["val/loss"] + val_losses + ["train/loss"]:
         if name in finals:
             return name, "min"
     if finals:
         name = sorted(finals)[0]
         return name, metric_mode(name)
     return "val/loss", "min"
+
+
+def _is_metric(key: str) -> bool:
+    """A task metric (not the lr monitor's lr-*, not corr/* diagnostics, not epoch)."""
+    return not key.startswith(("lr-", "lr/", "corr/", "hp/", "hp_metric")) and key not in ("epoch", "step")
 
 
 def best_points(points: list[Point], metric: str, mode: str) -> dict[str, Point]:
@@ -512,6 +518,32 @@ def plot_curves(path: Path, metric: str, groups: list[tuple], title: str) -> boo
     return True
 
 
+def plot_lr(path: Path, groups: list[tuple[str, list[Run]]], title: str) -> bool:
+    """The lr-* scalars (one tag per optimizer class) as one figure; only when the lr changes
+    during a run (a schedule or warm-up) -- a constant lr is in the tables already."""
+    data = []
+    for label, runs in groups:
+        series = [next((s for t, s in r.scalars().items() if t.startswith("lr-")), None) for r in runs]
+        series = [s for s in series if s is not None and len(s.steps) > 1]
+        if series:
+            data.append((label, series))
+    if not any(len(np.unique(s.values)) > 1 for _, ss in data for s in ss):
+        return False
+    fig = _new_figure()
+    ax = fig.subplots()
+    if _use_log_y(s.values[s.values > 0] for _, ss in data for s in ss):
+        ax.set_yscale("log")
+    for label, series in data:
+        _plot_band(ax, series, label)
+    ax.set_xlabel("iteration (optimizer steps)")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return True
+
+
 def _numeric(values) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
@@ -559,7 +591,7 @@ def plot_sensitivity(path: Path, key: str, points: list[Point], metric: str, mod
                             textcoords="offset points", xytext=(4, 4))
     if not numeric:
         ax.set_xticks(range(len(cats)), cats)
-    ax.set_xlabel(key.removeprefix("optimizer."))
+    ax.set_xlabel(key.removeprefix("optimizer.") + (" (log scale)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel(f"final {_axis_label(metric)} ({'higher' if mode == 'max' else 'lower'} is better)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
@@ -633,7 +665,7 @@ def _curve_tags(runs: list[Run]) -> list[str]:
     for r in runs:
         for tag, s in r.scalars().items():
             tags[tag] = max(tags.get(tag, 0), len(s.steps))
-    skip = ("corr/", "hp/", "hp_metric", "epoch")
+    skip = ("corr/", "hp/", "hp_metric", "epoch", "lr-")  # lr-* (LearningRateMonitor): one lr figure
     order = {"train": 0, "val": 1, "test": 2}
     keep = [t for t, n in tags.items() if n >= 2 and not t.startswith(skip)]
     return sorted(keep, key=lambda t: (order.get(t.split("/")[0], 3), t))
@@ -663,7 +695,7 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
     optimizers = list(dict.fromkeys([c for c in plan.get("optimizers", [])] + [p.optimizer for p in points]))
     optimizers = [o for o in optimizers if o in best]
     results = [r for r in runs if r.summary is not None]
-    finals_keys = sorted({k for r in results for k in (r.summary.get("final_metrics") or {})})
+    finals_keys = sorted({k for r in results for k in (r.summary.get("final_metrics") or {}) if _is_metric(k)})
     if metric in finals_keys:
         finals_keys.remove(metric)
     finals_keys.insert(0, metric)
@@ -717,6 +749,16 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
         rows.append(row)
         table_json[opt] = entry
     lines += ["## Results (best grid point per optimizer)", ""] + _table(header, rows)
+    resolved = []
+    for opt in optimizers:
+        r = next((r for r in best[opt].runs if r.summary), None)
+        hp = ((r.summary.get("hparams") or {}).get("optimizer") or {}) if r else {}
+        hp = {k: v for k, v in hp.items() if k != "name"}
+        if hp:
+            resolved.append(f"- {pretty(opt)} (`{opt}`): " + ", ".join(f"{k}={format_value(v)}" for k, v in hp.items()))
+    if resolved:
+        lines += ["Resolved optimizer settings of the chosen points (summary.json `hparams.optimizer`):", ""]
+        lines += resolved + [""]
 
     # --- paired comparison
     paired_json = {}
@@ -781,6 +823,10 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
         name = f"curves_{_slug(tag)}.png"
         if plot_curves(out / name, tag, groups, f"{title_task}: {tag} (best grid point per optimizer)"):
             figures.append((f"{tag}, best grid point per optimizer", name))
+    if plot_lr(out / "curves_lr.png", [(pretty(p.optimizer) + (f" {format_params(p.params)}" if p.params else ""),
+                                         p.runs) for p in points if p.optimizer in optimizers],
+               f"{title_task}: learning rate (LearningRateMonitor), every grid point"):
+        figures.append(("learning rate schedule", "curves_lr.png"))
     if any(len([p for p in points if p.optimizer == o]) > 1 for o in optimizers):
         # colour = optimizer, line style = grid point; the chosen point is marked
         all_groups, styles = [], ["-", "--", ":", "-."]
