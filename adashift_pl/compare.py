@@ -281,7 +281,9 @@ class Sweep:
 
     def command(self, combo: dict, resume: Path | None) -> list[str]:
         p = self.plan
-        cmd = [self.python, "-m", "adashift_pl.train", "--task", p["task"], "--optimizer", combo["optimizer"],
+        # On resume the checkpoint names the optimizer (train.py reads it from there).
+        opt = ["--optimizer", combo["optimizer"]] if resume is None else []
+        cmd = [self.python, "-m", "adashift_pl.train", "--task", p["task"], *opt,
                "--seed", str(combo["seed"]), "--log-dir", str((self.dir / "runs" / combo["name"]).resolve()),
                "--run-name", combo["name"]]
         cmd += p.get("passthrough", [])
@@ -388,12 +390,14 @@ class Sweep:
             if rc == 0 and summary.get("status") == "completed":
                 self.outcomes[name] = "completed"
                 metrics = summary.get("final_metrics") or {}
-                bm = summary.get("best_metric") or {}
-                shown = bm.get("name") if bm.get("name") in metrics else next(iter(metrics), None)
-                extra = f"  {shown}={metrics[shown]:.4g}" if shown and isinstance(metrics[shown], (int, float)) else ""
+                from adashift_pl.report import Run, choose_metric
+
+                shown, _ = choose_metric([Run(name, combo["optimizer"], {}, combo["seed"], None, summary)])
+                value = metrics.get(shown)
+                extra = f"  {shown}={value:.4g}" if isinstance(value, (int, float)) else ""
                 div = "  DIVERGED" if summary.get("diverged") else ""
                 self.echo(f"{idx} done    {name}  {seconds:.1f} s{extra}{div}")
-            elif summary.get("status") == "interrupted":
+            elif summary.get("status") == "interrupted" and rc in (130, 143):
                 self.outcomes[name] = "interrupted"
                 self.echo(f"{idx} interrupted {name} (exit {rc}); re-run to resume")
             else:
