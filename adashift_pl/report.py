@@ -600,12 +600,27 @@ def plot_sensitivity(path: Path, key: str, points: list[Point], metric: str, mod
     return True
 
 
+CORR_NAMES = {"g2_v": "corr(g_t², v_t)", "absg_step": "corr(|g_t|, lr/√v_t)",
+              "spatial": "spatial corr(g_t[i], g_t-n[j])"}
+
+
+def _corr_title(tag: str) -> str:
+    """corr/g2_v/overall -> 'corr(g_t², v_t) — overall' (MomentCorrelation's tags)."""
+    parts = tag.split("/")
+    if len(parts) >= 3:
+        m = parts[1]
+        name = CORR_NAMES.get(m) or (f"corr(g_t, g_t-{m.removeprefix('temporal_lag')})"
+                                    if m.startswith("temporal_lag") else m)
+        return f"{name} — {'/'.join(parts[2:])}"
+    return tag
+
+
 def plot_correlation(path: Path, tags: list[str], groups: list[tuple[str, list[Run]]], title: str) -> bool:
     if not tags:
         return False
     ncols = min(3, len(tags))
     nrows = math.ceil(len(tags) / ncols)
-    fig = _new_figure(4.2 * ncols, 3.2 * nrows)
+    fig = _new_figure(max(6.4, 4.2 * ncols), 3.4 * nrows + 0.4)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax, tag in zip(axes, tags):
         for label, runs in groups:
@@ -613,7 +628,7 @@ def plot_correlation(path: Path, tags: list[str], groups: list[tuple[str, list[R
             if series:
                 _plot_band(ax, series, label)
         ax.axhline(0.0, color="gray", lw=0.8, ls=":")
-        ax.set_title(tag, fontsize=9)
+        ax.set_title(_corr_title(tag), fontsize=9)
         ax.set_xlabel("iteration")
         ax.set_ylabel("correlation")
         ax.grid(True, alpha=0.3)
@@ -848,11 +863,14 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
                 figures.append((f"final {metric} against {key}", name))
     corr_tags = sorted({t for r in results for t in r.scalars() if t.startswith("corr/")})
     omitted = []
+    overall = [t for t in corr_tags if t.endswith("/overall")]  # MomentCorrelation: corr/<m>/overall|<param>
+    if overall:
+        corr_tags, omitted = overall, [t for t in corr_tags if t not in overall]
     if len(corr_tags) > MAX_FACETS:
         corr_tags.sort(key=lambda t: (t.count("/"), t.count("."), t))
-        corr_tags, omitted = sorted(corr_tags[:MAX_FACETS]), sorted(corr_tags[MAX_FACETS:])
+        corr_tags, omitted = sorted(corr_tags[:MAX_FACETS]), sorted(omitted + corr_tags[MAX_FACETS:])
     if plot_correlation(out / "correlation.png", corr_tags, groups,
-                        f"{title_task}: g_t–v_t correlations (MomentCorrelation), best grid point"):
+                        f"{title_task}: correlations (MomentCorrelation)"):
         figures.append(("correlation scalars (corr/*)", "correlation.png"))
     if figures:
         lines += ["## Figures", ""]
@@ -860,17 +878,17 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
             lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
         if omitted:
             lines += [f"Correlation tags not plotted (per-parameter, see TensorBoard): {len(omitted)}.", ""]
-    corr_summ = [(r, r.summary.get("correlation")) for opt in optimizers for r in best[opt].runs
-                 if r.summary and isinstance(r.summary.get("correlation"), dict)]
-    if corr_summ:
-        keys = sorted({k for _, c in corr_summ for k, v in c.items() if isinstance(v, (int, float))})[:8]
-        if keys:
-            rows = []
-            for opt in optimizers:
-                cs = [(r.summary.get("correlation") or {}) for r in best[opt].runs if r.summary]
-                rows.append([pretty(opt)] + [fmt_mean_std([c.get(k) for c in cs if isinstance(c.get(k), (int, float))])
-                                             for k in keys])
-            lines += ["## Correlation summary (summary.json `correlation`)", ""] + _table(["optimizer"] + keys, rows)
+    def corr_numbers(r: Run) -> dict:
+        c = (r.summary or {}).get("correlation")
+        c = c.get("overall", c) if isinstance(c, dict) else {}  # MomentCorrelation.summary()["overall"]
+        return {k: v for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    keys = sorted({k for opt in optimizers for r in best[opt].runs for k in corr_numbers(r)})[:8]
+    if keys:
+        rows = [[pretty(opt)] + [fmt_mean_std([corr_numbers(r).get(k) for r in best[opt].runs]) for k in keys]
+                for opt in optimizers]
+        lines += ["## Correlation summary (summary.json `correlation.overall`, mean ± std over seeds)", ""]
+        lines += _table(["optimizer"] + keys, rows)
 
     # --- every grid point
     rows = []

@@ -113,7 +113,8 @@ def _write_run(sweep, name, optimizer, params, seed, *, curve, final, status="co
         writer.add_scalar("train/loss", v, global_step=step * 10, walltime=1000.0 + step)
         writer.add_scalar("val/loss", v + 0.1, global_step=step * 10, walltime=1000.0 + step)
         if corr is not None:
-            writer.add_scalar("corr/g2_v", corr, global_step=step * 10, walltime=1000.0 + step)
+            writer.add_scalar("corr/g2_v/overall", corr, global_step=step * 10, walltime=1000.0 + step)
+            writer.add_scalar("corr/g2_v/theta.0", corr, global_step=step * 10, walltime=1000.0 + step)
     writer.close()
     summary = {
         "task": "counterexample", "optimizer": optimizer, "run_name": name, "run_dir": str(run_dir),
@@ -122,7 +123,8 @@ def _write_run(sweep, name, optimizer, params, seed, *, curve, final, status="co
         "hparams": {"optimizer": {"name": optimizer, **{k.split(".", 1)[1]: v for k, v in params.items()}}},
         "final_metrics": {"train/loss": final, "val/loss": final + 0.1},
         "best_metric": {"name": "val/loss", "mode": "min", "value": final + 0.05, "step": 10} if best else None,
-        "correlation": {"g2_v": corr} if corr is not None else None,
+        "correlation": ({"protocol": {"mode": "live"}, "samples": 3, "overall": {"g2_v": corr, "absg_step": -corr}}
+                        if corr is not None else None),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     (combo / "compare.json").write_text(json.dumps({"exit_code": 0, "run_dir": str(run_dir)}))
@@ -194,6 +196,9 @@ def test_report_from_fabricated_runs(fabricated):
                  "sensitivity_lr.png", "correlation.png"):
         assert (out / name).stat().st_size > 5000, name
         assert f"]({name})" in md
+    corr = {r[0]: r for r in _table_rows(md, "Correlation summary")}
+    assert corr["Adam"][2] == "0.05 ± 0" and corr["AdaShift"][2] == "0 ± 0"  # columns: absg_step, g2_v
+    assert "Correlation tags not plotted (per-parameter, see TensorBoard): 1." in md
     data = json.loads((out / "report.json").read_text())
     assert data["optimizers"]["adashift"]["final"]["val/loss"]["mean"] == pytest.approx(0.175)
     assert data["paired"]["adashift"]["win_rate"] == 1.0
