@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from adashift_pl.errors import UserError
 from adashift_pl.optim import build_optimizer
 
-DESCRIPTION = "WGAN-GP: critic vs a fixed generator (Figure 7a) or full training; 2-D Gaussian mixtures, MNIST, CIFAR-10"
+DESCRIPTION = "WGAN-GP: critic vs a fixed generator (Figure 7a) or full training; 2-D mixtures, MNIST, CIFAR-10"
 MONITOR = None  # a GAN has no validation metric that picks a best checkpoint
 
 MODES = ("fixed_generator", "full")
@@ -340,14 +340,22 @@ class WGANGP(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         gen = seeded(self.hparams.seed, _NOISE, self.global_rank, self.global_step)
+        stats: dict[str, Tensor] = {}
         if self.hparams.mode == "fixed_generator":
-            stats = self.critic_step(self.optimizers(), batch, gen, counted=True)
+            steps = [self.critic_step(self.optimizers(), batch, gen, counted=True)]
         else:
             critic_opt, generator_opt = self.optimizers()
             chunks = batch.chunk(self.hparams.n_critic)
             steps = [self.critic_step(critic_opt, real, gen, counted=False) for real in chunks]
-            stats = {k: torch.stack([s[k] for s in steps]).mean() for k in steps[0]}
             stats["generator_loss"] = self.generator_step(generator_opt, len(chunks[0]), gen)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            # 16-mixed: a step whose scaled gradients overflowed is skipped by the GradScaler, and its loss
+            # (inf/nan through the penalty) says nothing about the critic, so it is not logged; the scale is.
+            steps = [s for s in steps if torch.isfinite(s["loss"])]
+            stats["amp_scale"] = torch.tensor(scaler.get_scale())
+        if steps:
+            stats.update({k: torch.stack([s[k] for s in steps]).mean() for k in steps[0]})
         # train/loss is the critic's loss, the quantity of Figure 7a.
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, prog_bar=True)
 
@@ -359,8 +367,7 @@ class WGANGP(L.LightningModule):
             fake = self.generator(z).to(real.dtype)
         self.toggle_optimizer(opt)
         real_score, fake_score = self.critic(torch.cat([real, fake])).float().view(2, n).mean(1)
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        penalty = gradient_penalty(self.critic, real, fake, eps, scaler)
+        penalty = gradient_penalty(self.critic, real, fake, eps, getattr(self.trainer.precision_plugin, "scaler", None))
         loss = fake_score - real_score + self.hparams.gp_lambda * penalty
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
@@ -390,10 +397,11 @@ class WGANGP(L.LightningModule):
 
     @torch.no_grad()
     def log_samples(self, step: int) -> None:
-        """Sample quality scalars (2-D) on every rank; the picture to TensorBoard from rank 0."""
+        """Sample-quality scalars (2-D, full mode: a fixed generator's are constant) on every rank; the picture
+        to TensorBoard from rank 0."""
         fake = self.generator(self.fixed_noise).float()
         dataset = self.hparams.dataset
-        if dataset in MIXTURES:
+        if dataset in MIXTURES and self.hparams.mode == "full":
             stats = mode_stats(dataset, fake)
             self.log_dict({f"samples/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
         if self.global_rank != 0:

@@ -4,6 +4,7 @@ fixed, a short full run learns the 2-D mixture, resume is exact."""
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import pytest
@@ -191,3 +192,43 @@ def test_generator_checkpoint_loads_a_trained_generator(tmp_path):
         assert torch.equal(value, fixed.generator.state_dict()[key]), key
     with pytest.raises(UserError, match="does not fit"):
         small("fixed_generator", generator_checkpoint=str(tmp_path / "gan.ckpt"), hidden=16)
+
+
+def test_resume_through_train_py_continues_exactly(tmp_path):
+    from adashift_pl.train import main
+
+    common = ["--task", "wgan_gp", "--optimizer", "adashift", "--log-dir", str(tmp_path), "--model.mode", "full",
+              "--model.hidden", "16", "--model.n_critic", "2", "--data.batch_size", "32", "--data.epoch_length", "4"]
+    assert main([*common, "--run-name", "straight", "--trainer.max_steps", "7"]) == 0
+    assert main([*common, "--run-name", "cut", "--trainer.max_steps", "3"]) == 0
+    run = tmp_path / "wgan_gp" / "adashift"
+    assert main(["--resume", str(run / "cut" / "checkpoints" / "last.ckpt"), "--log-dir", str(tmp_path),
+                 "--trainer.max_steps", "7"]) == 0
+    straight, resumed = (torch.load(run / name / "checkpoints" / "last.ckpt", weights_only=False)
+                         for name in ("straight", "cut"))
+    assert straight["global_step"] == resumed["global_step"] == 7
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_runs(precision):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module, data = small("full", n_critic=2)
+    # On CPU Lightning turns 16-mixed into bf16-mixed; an explicit plugin with a CPU GradScaler exercises the
+    # scaler path (the AMP gradient-penalty recipe) that 16-mixed takes on a GPU.
+    kw = ({"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]} if precision == "16-mixed"
+          else {"precision": precision})
+    counter, record = CountSteps(), Record()
+    t = trainer(4, callbacks=[counter, record], **kw)
+    before = copy.deepcopy(module.critic.state_dict())
+    t.fit(module, data)
+    assert t.global_step == 4
+    if precision == "bf16-mixed":
+        assert counter.calls == [0, 0, 1] * 4
+    else:  # the scaler skips the first critic step (overflow at scale 2^16) and halves the scale
+        assert counter.calls == [0, 1] + [0, 0, 1] * 3 and t.precision_plugin.scaler.get_scale() == 2.0 ** 15
+    assert all(math.isfinite(x) for x in record.losses)  # skipped steps are not logged
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert any(not torch.equal(v, before[k]) for k, v in module.critic.state_dict().items())
