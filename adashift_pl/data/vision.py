@@ -83,8 +83,10 @@ class SyntheticImages(Dataset):
             y = self.targets[start:start + 512]
             # each sample: its class prototype moved by up to 1/8 of the image (so a linear model
             # cannot simply memorise templates), a smooth distractor and pixel noise
-            shifts = torch.randint(-(h // 8), h // 8 + 1, (len(y), 2), generator=gen).tolist()
-            proto = torch.stack([protos[k].roll((dy, dx), (1, 2)) for k, (dy, dx) in zip(y.tolist(), shifts)])
+            shift = torch.randint(-(h // 8), h // 8 + 1, (len(y), 2), generator=gen)
+            rows = (torch.arange(h)[None, :] - shift[:, :1]) % h  # a circular shift (torch.roll) per sample
+            cols = (torch.arange(w)[None, :] - shift[:, 1:]) % w
+            proto = protos[y[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
             distractor = _smooth_noise(len(y), c, h, w, gen)
             pixel = torch.rand((len(y), c, h, w), generator=gen)
             img = 0.45 * proto + 0.35 * distractor + 0.20 * pixel
