@@ -195,13 +195,13 @@ class RunCallback(Callback):
     # ---- end -----------------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module) -> None:
         # The final state as last.ckpt (Lightning's save_last only fires with a periodic save).
-        trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             # Raised by Lightning's loop at a step boundary: the state is consistent, keep it.
             self.interrupted = "SIGTERM"
-            trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt")
+            trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
 
     def make_summary(self, *, trainer, task, optimizer, run_name, seed, data_source, status, session_seconds,
                      best_ckpt, correlation, provenance, module) -> dict:

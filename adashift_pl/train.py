@@ -49,6 +49,7 @@ from adashift_pl.errors import UserError
 # Code defaults: the lowest layer of the config.
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
+    "num_threads": None,  # torch.set_num_threads for this run (null: torch's default)
     "model": {},
     "data": {},
     "trainer": {"log_every_n_steps": 50},
@@ -90,6 +91,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", help="optimizer name; picks that block of the config's optimizer: section")
     p.add_argument("--config", help="YAML config (default: configs/<task>.yaml)")
     p.add_argument("--seed", type=int, help="seed (default: the config's, else 0)")
+    p.add_argument("--num-threads", type=int, help="torch CPU threads (default: the config's num_threads, else torch's)")
     p.add_argument("--resume", metavar="last|PATH", help="continue the latest run of task/optimizer, or a checkpoint")
     p.add_argument("--log-dir", default="logs", help="root of the run directories (default: logs)")
     p.add_argument("--run-name", help="run directory name (default: version_N)")
@@ -348,6 +350,10 @@ def _run(argv: list[str]) -> int:
     cfg["task"] = task_name
     if args.seed is not None:
         cfg["seed"] = args.seed
+    if args.num_threads is not None:
+        cfg["num_threads"] = args.num_threads
+    if cfg.get("num_threads") is not None and (not isinstance(cfg["num_threads"], int) or cfg["num_threads"] < 1):
+        raise UserError(f"invalid num_threads {cfg['num_threads']!r}: allowed is an integer >= 1, or null")
     if not isinstance(cfg.get("seed"), int):
         raise UserError(f"invalid seed {cfg.get('seed')!r}: allowed is an integer")
     opt_block = merge(opt_base, blocks.get(args.optimizer) or {}) if saved_cfg is None or args.optimizer in blocks \
@@ -373,17 +379,47 @@ def _run(argv: list[str]) -> int:
         log_dir = run_dir.parent.parent.parent
         run_name = run_dir.name
     else:
-        run_name = args.run_name or os.environ.get(RUN_NAME_ENV) or next_version(log_dir / task_name / optimizer_name)
+        inherited = os.environ.get(RUN_NAME_ENV) if _rank_from_env() > 0 else None  # a DDP worker
+        run_name = args.run_name or inherited or next_version(log_dir / task_name / optimizer_name)
         run_dir = log_dir / task_name / optimizer_name / run_name
-    os.environ[RUN_NAME_ENV] = run_name
     if args.run_name and resume_ckpt is None and _rank_from_env() == 0 and (run_dir / "checkpoints").exists():
         raise UserError(f"run directory {run_dir} already holds a run: choose another --run-name, "
                         f"or continue it with --resume {run_dir / 'checkpoints' / 'last.ckpt'}")
 
-    return _fit(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt)
+    # Lightning's DDP launcher re-runs this command for ranks 1..N-1 with our environment: they
+    # must use rank 0's run directory even if rank 0 creates it before they look.
+    previous = os.environ.get(RUN_NAME_ENV)
+    os.environ[RUN_NAME_ENV] = run_name
+    try:
+        return _fit(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_NAME_ENV, None)
+        else:
+            os.environ[RUN_NAME_ENV] = previous
 
 
 def _fit(args, argv, cfg, task_module, run_dir: Path, run_name: str, log_dir: Path, resume_ckpt: Path | None) -> int:
+    import lightning
+    import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from adashift_pl.run import AtomicCheckpointIO, RunCallback, git_commit
+
+    task_name, optimizer_name = cfg["task"], cfg["optimizer"]["name"]
+    threads_before = torch.get_num_threads()
+    if cfg.get("num_threads"):
+        # Tiny tensors (the data-free tasks): intra-op threads only add synchronisation, and on a
+        # busy machine a 64x10 matmul with 2 threads was measured 60x slower than with 1.
+        torch.set_num_threads(cfg["num_threads"])
+    try:
+        return _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt) -> int:
     import lightning
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -425,7 +461,7 @@ def _fit(args, argv, cfg, task_module, run_dir: Path, run_name: str, log_dir: Pa
         if corr_cb is not None:
             callbacks.append(corr_cb)
     hparams = {
-        **flatten({k: cfg[k] for k in ("seed", "model", "data", "optimizer", "trainer")}),
+        **flatten({k: cfg[k] for k in ("seed", "num_threads", "model", "data", "optimizer", "trainer")}),
         "task": task_name, "run_name": run_name, "data_source": data_source,
         "params/total": n_params, "params/trainable": n_trainable,
     }

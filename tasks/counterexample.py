@@ -25,6 +25,8 @@ Design choices (why):
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
 from torch import nn
@@ -74,6 +76,8 @@ class StepDataModule(L.LightningDataModule):
             raise UserError(f"invalid data.steps_per_epoch {steps_per_epoch!r}: allowed is an integer >= 1")
         self.steps_per_epoch = int(steps_per_epoch)
         self.data_source = "builtin"
+        # Lightning warns that __len__ of an IterableDataset may be wrong with workers; there are none.
+        warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
 
     def train_dataloader(self):
         return DataLoader(_Steps(self.steps_per_epoch), batch_size=None)

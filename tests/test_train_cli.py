@@ -1,0 +1,175 @@
+"""The training command: parsing, config layering, user errors, outputs of a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from adashift_pl import train
+from adashift_pl.config import merge, overrides_to_dict, parse_value, split_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--correlation", "false", "--trainer.log_every_n_steps", "5"]
+
+
+def run(tmp_path, *argv) -> int:
+    return train.main(["--log-dir", str(tmp_path / "logs"), *argv])
+
+
+def last_line(capsys) -> str:
+    out = capsys.readouterr().out.strip().splitlines()
+    return out[-1]
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+def test_values_parse_as_yaml():
+    assert parse_value("1e-3") == 1e-3
+    assert parse_value("1.0e-3") == 1e-3
+    assert parse_value("true") is True and parse_value("false") is False
+    assert parse_value("[0.9,0.999]") == [0.9, 0.999]
+    assert parse_value("null") is None
+    assert parse_value("ddp") == "ddp"
+    assert parse_value("16-mixed") == "16-mixed"
+    assert parse_value("10") == 10
+
+
+def test_split_overrides_both_forms_and_order():
+    rest, ov = split_overrides(["--task", "quadratic", "--optimizer", "adam", "--optimizer.lr", "1e-2",
+                                "--trainer.max_steps=5", "--model.dim", "3", "--optimizer.lr", "2e-2"])
+    assert rest == ["--task", "quadratic", "--optimizer", "adam"]
+    d = overrides_to_dict(ov)
+    assert d == {"optimizer": {"lr": 2e-2}, "trainer": {"max_steps": 5}, "model": {"dim": 3}}  # left to right
+
+
+def test_merge_is_deep_and_right_wins():
+    assert merge({"a": {"b": 1, "c": 2}, "d": 1}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}, "d": 1}
+
+
+def test_every_config_loads_and_builds_its_task():
+    from adashift_pl.tasks import get_task
+
+    mine = ["counterexample", "counterexample_seq", "quadratic"]
+    for name in mine:
+        cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        assert cfg["task"] == name
+        for opt in cfg["optimizer"]:
+            resolved = train.resolve_optimizer(opt, cfg["optimizer"][opt], {})
+            module, dm = get_task(name).build(model=cfg["model"], data=cfg["data"], optimizer=resolved, seed=0)
+            assert dm.data_source == "builtin"
+            assert sum(p.numel() for p in module.parameters()) > 0
+
+
+def test_resolved_optimizer_precedence():
+    r = train.resolve_optimizer("adam", {"lr": 1e-3, "betas": [0.0, 0.999]}, {"lr": 5e-3})
+    assert r == {"name": "adam", "lr": 5e-3, "betas": [0.0, 0.999], "eps": 1e-8}  # factory < block < CLI
+
+
+def test_list(capsys):
+    assert train.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "counterexample" in out and "quadratic" in out and "adashift" in out and "amsgrad" in out
+
+
+# ---- user errors: exit 2, one line, no traceback ------------------------------------------------
+@pytest.mark.parametrize("argv, needle", [
+    (["--task", "nope", "--optimizer", "adam"], "unknown task 'nope'"),
+    (["--task", "quadratic", "--optimizer", "nope"], "unknown optimizer 'nope'"),
+    (["--task", "quadratic", "--optimizer", "adam", "--optimizer.lr", "-1"], "Invalid learning rate"),
+    (["--task", "quadratic", "--optimizer", "adam", "--optimizer.keep_num", "3"], "keep_num"),
+    (["--task", "quadratic", "--optimizer", "adam", "--model.widht", "3"], "unknown model key 'widht'"),
+    (["--task", "quadratic", "--optimizer", "adam", "--data.sorce", "x"], "unknown data key 'sorce'"),
+    (["--task", "quadratic", "--optimizer", "adam", "--trainer.max_stepz", "3"], "unknown trainer key(s) max_stepz"),
+    (["--task", "quadratic", "--optimizer", "adam", "--config", "/nonexistent.yaml"], "config file not found"),
+    (["--task", "quadratic", "--optimizer", "adam", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--task", "quadratic", "--optimizer", "adam", "--seed", "x"], "invalid int value"),
+    (["--task", "quadratic", "--optimizer", "adashift", "--trainer.strategy", "fsdp"], "shards parameters"),
+    (["--task", "quadratic", "--optimizer", "adam", "--resume", "last"], "no run with checkpoints/last.ckpt"),
+    (["--task", "quadratic", "--optimizer", "adam", "--resume", "/nonexistent.ckpt"], "no such checkpoint"),
+    (["--task", "quadratic", "--optimizer", "adam", "--model.lr_schedule", "cosine"], "invalid model.lr_schedule"),
+    (["--task", "counterexample", "--optimizer", "adashift", "--optimizer.spatial_block", "tensor",
+      "--trainer.max_steps", "2"], "would couple them"),
+])
+def test_user_errors(tmp_path, capsys, argv, needle):
+    assert run(tmp_path, *argv, *FAST) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and needle in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_user_error_exit_code_in_a_subprocess(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "adashift_pl.train", "--task", "nope", "--optimizer", "adam"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()]  # one line
+    assert "unknown task 'nope'" in p.stderr and "quadratic" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_fsdp_allowed_without_block_reduction(tmp_path):
+    cfg = {"strategy": "fsdp"}
+    train.check_strategy(cfg, {"name": "non-adashift"})  # phi = none: fine
+    train.check_strategy(cfg, {"name": "adam"})
+
+
+# ---- a short run writes the contract's outputs -------------------------------------------------
+@pytest.mark.parametrize("task, optimizer", [("quadratic", "adashift"), ("counterexample", "amsgrad"),
+                                             ("counterexample_seq", "adam")])
+def test_short_run_outputs(tmp_path, capsys, task, optimizer):
+    extra = ["--model.warmup_steps", "3", "--model.replicas", "4"] if task == "counterexample" else []
+    rc = run(tmp_path, "--task", task, "--optimizer", optimizer, "--trainer.max_steps", "12",
+             "--data.steps_per_epoch", "5", "--optimizer.lr", "1e-2", *extra, *FAST)
+    assert rc == 0
+    run_dir = Path(last_line(capsys))
+    assert run_dir == tmp_path / "logs" / task / optimizer / "version_0"
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert (run_dir / "hparams.yaml").is_file()
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["optimizer"]["lr"] == 1e-2 and cfg["optimizer"]["name"] == optimizer and cfg["task"] == task
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    s = json.loads((run_dir / "summary.json").read_text())
+    for key in ("task", "optimizer", "run_name", "run_dir", "seed", "data_source", "status", "diverged",
+                "global_step", "epochs", "wall_seconds", "hparams", "final_metrics", "best_metric", "correlation",
+                "last_checkpoint", "best_checkpoint", "provenance", "extra"):
+        assert key in s, key
+    assert s["status"] == "completed" and s["global_step"] == 12 and s["data_source"] == "builtin"
+    assert s["hparams"]["optimizer"]["lr"] == 1e-2 and not s["diverged"]
+    assert s["provenance"]["versions"]["torch"] == torch.__version__
+    assert s["provenance"]["precision"] and s["provenance"]["device"].startswith("cpu")
+    assert not list(run_dir.rglob("*.tmp"))  # atomic writes leave nothing behind
+    if task == "quadratic":
+        assert s["best_metric"]["name"] == "val/loss" and s["best_checkpoint"]
+        assert "train/grad_norm" in s["final_metrics"] and "val/loss" in s["final_metrics"]
+    # a second run gets the next version
+    rc = run(tmp_path, "--task", task, "--optimizer", optimizer, "--trainer.max_steps", "2", *extra, *FAST)
+    assert rc == 0 and last_line(capsys).endswith("version_1")
+
+
+def test_hparams_hold_config_counts_and_data_source(tmp_path, capsys):
+    assert run(tmp_path, "--task", "quadratic", "--optimizer", "adam", "--trainer.max_steps", "2",
+               "--run-name", "hp", *FAST) == 0
+    hp = yaml.safe_load((Path(last_line(capsys)) / "hparams.yaml").read_text())
+    assert hp["data_source"] == "builtin" and hp["params/total"] == 200 and hp["optimizer.name"] == "adam"
+    assert hp["model.cond"] == 1e5
+
+
+def test_run_name_is_not_reused(tmp_path, capsys):
+    argv = ["--task", "counterexample_seq", "--optimizer", "sgd", "--trainer.max_steps", "2", "--run-name", "x", *FAST]
+    assert run(tmp_path, *argv) == 0
+    assert run(tmp_path, *argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_correlation_callback_feeds_summary(tmp_path, capsys):
+    try:
+        from adashift_pl.callbacks import MomentCorrelation  # noqa: F401
+    except ImportError:
+        pytest.skip("MomentCorrelation not available yet")
+    assert run(tmp_path, "--task", "quadratic", "--optimizer", "adashift", "--trainer.max_steps", "15",
+               "--trainer.log_every_n_steps", "5") == 0
+    s = json.loads((Path(last_line(capsys)) / "summary.json").read_text())
+    assert isinstance(s["correlation"], dict)
