@@ -311,9 +311,10 @@ def _run(argv: list[str]) -> int:
             if not resume_ckpt.is_file():
                 raise UserError(f"--resume {args.resume}: no such checkpoint file (allowed: last, or a .ckpt path)")
         saved_cfg = load_checkpoint_config(resume_ckpt)
+        saved_names = {"task": saved_cfg.get("task"), "optimizer": (saved_cfg.get("optimizer") or {}).get("name")}
         for flag, value in (("task", args.task), ("optimizer", args.optimizer)):
-            if value is not None and value != saved_cfg.get(flag):
-                raise UserError(f"--{flag} {value} differs from the checkpoint's {saved_cfg.get(flag)!r} "
+            if value is not None and value != saved_names[flag]:
+                raise UserError(f"--{flag} {value} differs from the checkpoint's {saved_names[flag]!r} "
                                 f"({resume_ckpt}): resume with the same {flag}, or start a new run")
         args.task, args.optimizer = saved_cfg["task"], saved_cfg["optimizer"]["name"]
 
