@@ -577,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         failed = sorted(n for n, o in outcomes.items() if o in ("failed", "interrupted"))
         ran = sum(o != "skipped" for o in outcomes.values())
-        print(f"sweep finished in {time.time() - started:.1f} s: {ran} run, "
+        print(f"sweep finished in {time.time() - started:.1f} s: {ran} ran, "
               f"{sum(o == 'skipped' for o in outcomes.values())} skipped, {len(failed)} failed or interrupted"
               + (f" ({', '.join(failed)})" if failed else ""))
         if not args.no_report:

@@ -468,7 +468,13 @@ def _new_figure(width: float = 6.4, height: float = 4.2):
 def _use_log_y(values: Iterable[np.ndarray]) -> bool:
     v = np.concatenate([np.asarray(x, float).ravel() for x in values] or [np.array([])])
     v = v[np.isfinite(v)]
-    return v.size > 0 and bool((v > 0).all()) and v.max() / v.min() > 1e3
+    return v.size > 0 and bool((v > 0).all()) and v.max() / v.min() > 100
+
+
+def _wrap(title: str, width: int = 70) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
 
 
 def _axis_label(metric: str) -> str:
@@ -511,7 +517,7 @@ def plot_curves(path: Path, metric: str, groups: list[tuple], title: str) -> boo
         _plot_band(ax, series, label + extra, *style)
     ax.set_xlabel("iteration (optimizer steps)")
     ax.set_ylabel(_axis_label(metric))
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_wrap(title), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, title="mean ± std over seeds", title_fontsize=8)
     fig.savefig(path, dpi=120)
@@ -537,7 +543,7 @@ def plot_lr(path: Path, groups: list[tuple[str, list[Run]]], title: str) -> bool
         _plot_band(ax, series, label)
     ax.set_xlabel("iteration (optimizer steps)")
     ax.set_ylabel("learning rate")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_wrap(title), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
@@ -593,7 +599,7 @@ def plot_sensitivity(path: Path, key: str, points: list[Point], metric: str, mod
         ax.set_xticks(range(len(cats)), cats)
     ax.set_xlabel(key.removeprefix("optimizer.") + (" (log scale)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel(f"final {_axis_label(metric)} ({'higher' if mode == 'max' else 'lower'} is better)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_wrap(title), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, title="mean ± std over seeds", title_fontsize=8)
     fig.savefig(path, dpi=120)
@@ -635,7 +641,7 @@ def plot_correlation(path: Path, tags: list[str], groups: list[tuple[str, list[R
     for ax in axes[len(tags):]:
         ax.set_visible(False)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title, 100), fontsize=10)
     fig.savefig(path, dpi=110)
     return True
 
@@ -838,9 +844,8 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
         name = f"curves_{_slug(tag)}.png"
         if plot_curves(out / name, tag, groups, f"{title_task}: {tag} (best grid point per optimizer)"):
             figures.append((f"{tag}, best grid point per optimizer", name))
-    if plot_lr(out / "curves_lr.png", [(pretty(p.optimizer) + (f" {format_params(p.params)}" if p.params else ""),
-                                         p.runs) for p in points if p.optimizer in optimizers],
-               f"{title_task}: learning rate (LearningRateMonitor), every grid point"):
+    if plot_lr(out / "curves_lr.png", [(best[o].label.replace(o, pretty(o), 1), best[o].runs) for o in optimizers],
+               f"{title_task}: learning rate (LearningRateMonitor), best grid point per optimizer"):
         figures.append(("learning rate schedule", "curves_lr.png"))
     if any(len([p for p in points if p.optimizer == o]) > 1 for o in optimizers):
         # colour = optimizer, line style = grid point; the chosen point is marked
