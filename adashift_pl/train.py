@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     # N optimizer steps), and the best one by the task's MONITOR when it has one.
     "checkpoint": {"every_n_train_steps": None, "every_n_epochs": 1, "keep": 3},
 }
+TOP_LEVEL_KEYS = {"task", "seed", "num_threads", "model", "data", "trainer", "optimizer", "correlation", "checkpoint"}
 # Sections that define *what* is trained: changing one of them on --resume would be silently
 # overwritten by the checkpoint's state (optimizer param_groups, weights), so it is refused.
 HPARAM_SECTIONS = ("seed", "model", "data", "optimizer")
@@ -337,6 +338,10 @@ def _run(argv: list[str]) -> int:
     blocks = merge(file_cfg.get("optimizer") or {}, {})
     if not isinstance(blocks, dict):
         raise UserError("the config's optimizer: section must map optimizer names to hyper-parameters")
+    unknown = sorted(set(file_cfg) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise UserError(f"unknown top-level key(s) {', '.join(unknown)} in {args.config or 'the config'}: "
+                        f"allowed are {', '.join(sorted(TOP_LEVEL_KEYS))}")
     for section in ("model", "data", "trainer", "checkpoint"):
         if file_cfg.get(section) is not None and not isinstance(file_cfg[section], dict):
             raise UserError(f"the config's {section}: section must be a mapping, got {file_cfg[section]!r}")
@@ -363,6 +368,10 @@ def _run(argv: list[str]) -> int:
     corr_knobs = merge(corr_file or {}, cli.get("correlation", {})) if (corr_file or cli.get("correlation")) else None
     cfg["correlation"] = corr_knobs
     check_trainer_section(cfg["trainer"])
+    bad = sorted(set(cfg["checkpoint"]) - set(DEFAULTS["checkpoint"]))
+    if bad:
+        raise UserError(f"unknown checkpoint key(s) {', '.join(bad)}: allowed are "
+                        f"{', '.join(DEFAULTS['checkpoint'])}")
     check_strategy(cfg["trainer"], cfg["optimizer"])
     if saved_cfg is not None:
         diffs = hparam_differences(saved_cfg, cfg)

@@ -86,6 +86,7 @@ def test_list(capsys):
     (["--task", "quadratic", "--optimizer", "adam", "--data.sorce", "x"], "unknown data key 'sorce'"),
     (["--task", "quadratic", "--optimizer", "adam", "--trainer.max_stepz", "3"], "unknown trainer key(s) max_stepz"),
     (["--task", "quadratic", "--optimizer", "adam", "--config", "/nonexistent.yaml"], "config file not found"),
+    (["--task", "quadratic", "--optimizer", "adam", "--checkpoint.evry", "3"], "unknown checkpoint key(s) evry"),
     (["--task", "quadratic", "--optimizer", "adam", "--bogus"], "unrecognized arguments: --bogus"),
     (["--task", "quadratic", "--optimizer", "adam", "--seed", "x"], "invalid int value"),
     (["--task", "quadratic", "--optimizer", "adashift", "--trainer.strategy", "fsdp"], "shards parameters"),
@@ -108,6 +109,25 @@ def test_user_error_exit_code_in_a_subprocess(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [p.stderr.strip()]  # one line
     assert "unknown task 'nope'" in p.stderr and "quadratic" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_unknown_top_level_config_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task: quadratic\ntrainr: {max_steps: 3}\n")
+    assert run(tmp_path, "--config", str(cfg), "--optimizer", "adam", *FAST) == 2
+    assert "unknown top-level key(s) trainr" in capsys.readouterr().err
+
+
+def test_config_file_and_cli_precedence(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task: quadratic\nmodel: {dim: 3, cond: 10}\ntrainer: {max_steps: 4}\n"
+                   "optimizer:\n  adam: {lr: 1e-2, betas: [0.5, 0.9]}\n")
+    assert run(tmp_path, "--config", str(cfg), "--optimizer", "adam", "--optimizer.lr", "2e-2",
+               "--model.dim", "2", *FAST) == 0
+    resolved = yaml.safe_load((Path(last_line(capsys)) / "config.yaml").read_text())
+    assert resolved["optimizer"] == {"name": "adam", "lr": 2e-2, "betas": [0.5, 0.9], "eps": 1e-8}
+    assert resolved["model"] == {"dim": 2, "cond": 10} and resolved["trainer"]["max_steps"] == 4
+    assert resolved["trainer"]["log_every_n_steps"] == 5  # code default < YAML < CLI
 
 
 def test_fsdp_allowed_without_block_reduction(tmp_path):
