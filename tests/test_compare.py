@@ -180,21 +180,25 @@ def test_tiny_sweep_runs_resumes_and_reports(tmp_path, capsys):
         assert (sweep / "report" / png).stat().st_size > 5000, png
     # re-running the same command runs nothing new
     mtimes = {n: (sweep / "runs" / n / "compare.json").stat().st_mtime_ns for n in summaries}
-    assert C.main(argv) == 0
+    assert C.main(argv + ["--no-report"]) == 0
     out = capsys.readouterr().out
     assert "8 already completed (skipped)" in out and "0 to run" in out
     assert mtimes == {n: (sweep / "runs" / n / "compare.json").stat().st_mtime_ns for n in summaries}
-    # an interrupted run resumes from its last checkpoint (here: marked interrupted, then finished)
-    name = "adam__lr=0.001__seed0"
-    sfile = next(sweep.glob(f"runs/{name}/*/*/*/summary.json"))
-    data = json.loads(sfile.read_text())
-    data["status"] = "interrupted"
-    sfile.write_text(json.dumps(data))
-    dry = C.main(argv + ["--dry-run"])
-    assert dry == 0 and f"--resume {sfile.parent / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
     # a changed fixed setting into the same directory is refused
     assert C.main(argv[:-1] + ["true", "--dry-run"]) == 2
     assert "different passthrough" in capsys.readouterr().err
+    # an interrupted run resumes from its last checkpoint (marked interrupted at its last step: the
+    # resumed run has nothing left to train, and the report takes its values from the event files)
+    name = "adam__lr=0.001__seed0"
+    sfile = next(sweep.glob(f"runs/{name}/*/*/*/summary.json"))
+    sfile.write_text(json.dumps({**summaries[name], "status": "interrupted"}))
+    assert C.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"resume {name} (from last.ckpt)" in out and "[1/1] done" in out
+    assert json.loads(sfile.read_text())["status"] == "completed"
+    md = (sweep / "report" / "report.md").read_text()
+    runs = {r[0]: r for r in _table_rows(md, "Every run")}
+    assert float(runs[name][4]) == pytest.approx(summaries[name]["final_metrics"][metric], rel=1e-5)
 
 
 def test_failed_run_is_reported_not_fatal(tmp_path, capsys):
