@@ -24,8 +24,8 @@ Re-running the same command resumes the sweep: a combination whose summary.json 
 Grid values: `--grid KEY=V1,V2` (commas inside [...] do not split, so
 `--grid optimizer.betas=[0,0.999],[0.9,0.999]` has two points); `--grid OPT:KEY=...` sets
 a grid for one optimizer only (the paper's lr grids differ per optimizer). Every other
-`--trainer.* --model.* --data.* --optimizer.* --correlation* --checkpoint.*` flag and
-`--config` go unchanged to every run.
+`--trainer.* --model.* --data.* --optimizer.* --correlation* --checkpoint.*` flag,
+`--num-threads` and `--config` go unchanged to every run.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ from adashift_pl.config import SECTIONS, load_yaml, parse_value, split_overrides
 from adashift_pl.errors import UserError
 
 STDERR_TAIL_LINES = 40
+# train.py flags (besides the dotted overrides) that go unchanged to every run, with an example value
+TRAIN_FLAGS = {"--correlation": "false", "--num-threads": "4"}
 
 
 # --------------------------------------------------------------------------- planning
@@ -438,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="count (3 = seeds 0,1,2) or list (0,4,7); default 1 or the recipe's")
     p.add_argument("--grid", action="append", default=[], metavar="[OPT:]KEY=V1,V2",
                    help="grid axis, repeatable; OPT: limits it to one optimizer")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time (default 1, or one per --gpus id)")
     p.add_argument("--gpus", default="", help="comma-separated GPU ids; each job gets one (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--out", type=Path, default=None,
                    help="sweep directory (default sweeps/<recipe> or sweeps/<task>-<timestamp>)")
@@ -459,14 +461,15 @@ def _passthrough(rest: list[str]) -> tuple[list[str], set[str]]:
     flags, i = [], 0
     while i < len(remaining):
         arg = remaining[i]
-        if arg == "--correlation" or arg.startswith("--correlation="):
+        flag = arg.split("=", 1)[0]
+        if flag in TRAIN_FLAGS:
             if "=" in arg:
                 flags.append(arg)
             elif i + 1 < len(remaining):
                 flags += [arg, remaining[i + 1]]
                 i += 1
             else:
-                raise UserError("--correlation needs a value (true or false)")
+                raise UserError(f"{arg} needs a value, e.g. {arg} {TRAIN_FLAGS[flag]}")
         else:
             hint = " (did you mean --seeds?)" if arg.startswith("--seed") else ""
             raise UserError(f"unknown argument {arg!r}{hint}: compare takes the flags in --help and passes "
@@ -554,12 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.jobs < 1:
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+        jobs = args.jobs if args.jobs is not None else max(1, len(gpus))
+        if jobs < 1:
             raise UserError(f"invalid --jobs {args.jobs}: allowed is an integer >= 1")
         plan, out = make_plan(args, rest)
         plan = merge_with_existing(plan, out)
-        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-        sweep = Sweep(out, plan, jobs=args.jobs, gpus=gpus)
+        sweep = Sweep(out, plan, jobs=jobs, gpus=gpus)
         if args.dry_run:
             print(f"sweep {out}: {len(plan['combos'])} runs")
             for combo in plan["combos"]:
