@@ -38,6 +38,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -333,6 +334,12 @@ class WGANGP(L.LightningModule):
         if self.trainer.accumulate_grad_batches != 1:
             raise UserError(f"trainer.accumulate_grad_batches {self.trainer.accumulate_grad_batches} is not "
                             f"supported by wgan_gp (manual optimization): allowed is 1")
+        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)  # None: not DDP (or a newer Lightning)
+        if (self.hparams.mode == "full" and isinstance(self.trainer.strategy, DDPStrategy)
+                and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False)):
+            # Each backward leaves the other network's (toggled-off) parameters unused.
+            raise UserError("wgan_gp full mode under DDP needs --trainer.strategy ddp_find_unused_parameters_true "
+                            "(each backward uses only the critic's or only the generator's parameters)")
 
     # -- one training step = one counted iteration
     def noise(self, n: int, gen: torch.Generator) -> Tensor:
