@@ -211,6 +211,13 @@ class Seq2Seq(nn.Module):
 
 
 # ============================================================================ LightningModule
+def corpus_bleu(hyps: list[str], refs: list[str], tokenize: str = "13a") -> tuple[float, str]:
+    """sacreBLEU corpus BLEU (0-100) of hypotheses against one reference each, and its signature."""
+    bleu = sacrebleu.metrics.BLEU(tokenize=tokenize)
+    return bleu.corpus_score(hyps, [refs]).score, str(bleu.get_signature())
+
+
+
 class NMTModule(L.LightningModule):
     def __init__(self, optimizer: dict, *, embed_dim: int = 512, hidden: int = 512, num_layers: int = 2,
                  encoder: str = "uni", attention: str = "scaled_luong", dropout: float = 0.2,
@@ -320,14 +327,13 @@ class NMTModule(L.LightningModule):
             torch.distributed.all_gather_object(parts, outputs)
             outputs = {i: o for part in parts for i, o in part.items()}
         order = sorted(outputs)
-        bleu = sacrebleu.metrics.BLEU(tokenize=self.hparams.bleu_tokenize)
-        score = bleu.corpus_score([outputs[i][2] for i in order], [[outputs[i][1] for i in order]])
-        self.test_bleu, self.test_bleu_signature = score.score, str(bleu.get_signature())
-        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss), "test/bleu": score.score})
+        self.test_bleu, self.test_bleu_signature = corpus_bleu(
+            [outputs[i][2] for i in order], [outputs[i][1] for i in order], self.hparams.bleu_tokenize)
+        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss), "test/bleu": self.test_bleu})
         self.test_nll.reset()
         self._log_examples("test/examples")
         if self.trainer.is_global_zero:
-            print(f"nmt test: BLEU {score.score:.2f} on {len(order)} sentences (beam {self.hparams.beam_width})"
+            print(f"nmt test: BLEU {self.test_bleu:.2f} on {len(order)} sentences (beam {self.hparams.beam_width})"
                   f"  [{self.test_bleu_signature}]", file=sys.stderr, flush=True)
 
     def _log_examples(self, tag: str):
@@ -392,9 +398,10 @@ class NMTDataModule(L.LightningDataModule):
             if vocab_src or vocab_tgt:
                 self.files.update(vocab_src=vocab_src and pt.Path(vocab_src),
                                   vocab_tgt=vocab_tgt and pt.Path(vocab_tgt))
-            available = all(p.is_file() for p in self.files.values() if p is not None)
-            self.data_source = resolve_source(source, available=available, dataset="IWSLT'15 En-Vi",
-                                              expected=str(self.stanford_dir), download=download)
+            missing = [p.name for p in self.files.values() if p is not None and not p.is_file()]
+            where = f"{self.stanford_dir} (missing: {', '.join(missing)})" if missing else str(self.stanford_dir)
+            self.data_source = resolve_source(source, available=not missing, dataset="IWSLT'15 En-Vi",
+                                              expected=where, download=download)
             if self.data_source == "real" and {src_lang, tgt_lang} != {"en", "vi"}:
                 raise UserError(f"IWSLT'15 has languages en and vi, not {src_lang!r}/{tgt_lang!r}")
         self.src_vocab = self.tgt_vocab = None
