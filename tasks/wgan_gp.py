@@ -161,6 +161,7 @@ class ImageGANDataModule(L.LightningDataModule):
 
         cls = MNISTDataModule if dataset == "mnist" else CIFAR10DataModule
         vision.setdefault("augment", False)
+        vision.setdefault("val_size", 0)  # nothing is validated: train on the whole training set
         self.inner = cls(batch_size=batch_size, seed=seed, **vision)
         self.batch_size, self.batches_per_step, self.seed = batch_size, batches_per_step, seed
         self.data_source = self.inner.data_source
@@ -406,8 +407,12 @@ class WGANGP(L.LightningModule):
     def log_samples(self, step: int) -> None:
         """Sample-quality scalars (2-D, full mode: a fixed generator's are constant) on every rank; the picture
         to TensorBoard from rank 0."""
-        fake = self.generator(self.fixed_noise).float()
         dataset = self.hparams.dataset
+        noise = self.fixed_noise if dataset in MIXTURES else self.fixed_noise[:64]
+        training = self.generator.training
+        self.generator.eval()  # BatchNorm (DCGAN): running statistics, and sampling must not update them
+        fake = self.generator(noise).float()
+        self.generator.train(training)
         if dataset in MIXTURES and self.hparams.mode == "full":
             stats = mode_stats(dataset, fake)
             self.log_dict({f"samples/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
@@ -421,7 +426,7 @@ class WGANGP(L.LightningModule):
             else:
                 from torchvision.utils import make_grid
 
-                grid = make_grid(fake[:64].cpu(), nrow=8, normalize=True, value_range=(-1, 1))
+                grid = make_grid(fake.cpu(), nrow=8, normalize=True, value_range=(-1, 1))
                 logger.experiment.add_image("samples", grid, step)
 
     def mixture_figure(self, fake: Tensor):
