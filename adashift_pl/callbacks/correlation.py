@@ -236,10 +236,10 @@ class _Tracker:
         gen = torch.Generator().manual_seed(cb.seed + 7)
         partner, start = [], 0
         for c in counts:
-            order = torch.randperm(c, generator=gen) + start
+            order = torch.randperm(c, generator=gen)
             part = torch.empty(c, dtype=torch.long)
-            part[order] = order.roll(1) if c > 1 else order
-            partner.append(part)
+            part[order] = order.roll(1)  # i -> the next in a random cycle (itself only when c == 1)
+            partner.append(part + start)
             start += c
         self.partner = (torch.cat(partner) if partner else torch.zeros(0, dtype=torch.long)).to(device)
         self.lags = list(cb.lags)
@@ -268,7 +268,7 @@ class _Tracker:
             if which == "g":
                 g = p.grad
                 out.append(torch.zeros(idx.numel(), device=self.device) if g is None
-                           else g.detach().reshape(-1).index_select(0, idx).float())
+                           else torch.take(g.detach(), idx).float())  # take: flat index, any layout
                 continue
             state = self.optimizer.state.get(p, {})
             if not state or not self.adapter.ready(state, group):
@@ -277,32 +277,38 @@ class _Tracker:
             key = (k, tuple(t.shape))
             if key not in self._vidx:
                 self._vidx[key] = _block_index(idx.cpu(), p.shape, t.shape).to(self.device)
-            out.append(t.detach().reshape(-1).index_select(0, self._vidx[key]).float())
+            out.append(torch.take(t.detach(), self._vidx[key]).float())
         return torch.cat(out)
 
     def _per_coord(self, values: list[float]) -> Tensor:
         return torch.tensor(values, dtype=torch.float32).repeat_interleave(
             torch.tensor(self.counts, dtype=torch.long)).to(self.device)
 
-    def _group_scalars(self) -> tuple[list[float], list[float], list[float]]:
-        lrs, bcs, epss = [], [], []
+    def _group_scalars(self) -> tuple[Tensor | float, Tensor | float, Tensor | float]:
+        """lr, 1 / (1 - beta2^k) (v's bias correction) and eps: Python numbers when every tracked tensor
+        shares them (the usual case: one group, one step count), else per sampled coordinate."""
+        rows = []
         for name, p, group, idx in self.entries:
             state = self.optimizer.state.get(p, {})
-            beta2 = group["betas"][1]
-            lrs.append(float(group["lr"]))
-            epss.append(float(group.get("eps", 1e-8)))
-            bcs.append(1.0 - beta2 ** self.adapter.count(state, group) if state else 1.0)
-        return lrs, bcs, epss
+            bc = 1.0 - group["betas"][1] ** self.adapter.count(state, group) if state else 1.0
+            rows.append((float(group["lr"]), 1.0 / bc, float(group.get("eps", 1e-8))))
+        if all(r == rows[0] for r in rows):
+            return rows[0]
+        per = torch.tensor(rows, dtype=torch.float32).t().repeat_interleave(
+            torch.tensor(self.counts, dtype=torch.long), dim=1).to(self.device)
+        return per[0], per[1], per[2]
 
     # -- the hook ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def _hook(self, optimizer, args, kwargs) -> None:
+        # Everything read here is detached (grads, optimizer state), so no autograd graph is built; the
+        # common "nothing to do at this step" path costs a few integer operations.
         cb = self.cb
         self.step += 1
         t = self.step
         if cb.freeze_after_step is not None and t > cb.freeze_after_step and self.frozen is not None:
-            for (_, p, _, _), saved in zip(self.entries, self.frozen):
-                p.copy_(saved)  # the paper's protocol: gradients sampled at one fixed point
+            with torch.no_grad():
+                for (_, p, _, _), saved in zip(self.entries, self.frozen):
+                    p.copy_(saved)  # the paper's protocol: gradients sampled at one fixed point
         if cb.freeze_after_step is not None and t == cb.freeze_after_step:
             self.frozen = [p.detach().clone() for _, p, _, _ in self.entries]
             self.moments.reset()  # the measurement window starts now
@@ -322,6 +328,8 @@ class _Tracker:
             self.ring[t] = g
             for old in [s for s in self.ring if s < t - self.max_lag]:
                 del self.ring[old]
+        if not (sample_now or paper):
+            return
         v = self._gather("v")
         if paper and v is not None:
             self._recompute_v(g)
@@ -329,7 +337,7 @@ class _Tracker:
             return
         if any((t - lag) not in self.ring for lag in self.lags):
             return  # not enough history yet for every lag
-        lrs, bcs, epss = self._group_scalars()
+        lr, inv_bc, eps = self._group_scalars()
         if paper:
             if self.v_rec is None or self.v_rec_count == 0:
                 return
@@ -337,9 +345,9 @@ class _Tracker:
             v_used = self.v_rec_max if self.v_rec_max is not None else self.v_rec
             v_hat = v_used / (1.0 - b2 ** self.v_rec_count)
         else:
-            v_hat = v / self._per_coord(bcs)
-        # v_rec / v are stored un-normalised by g's scale: lr/(sqrt(v_hat)+eps) needs the real value
-        step_size = self._per_coord(lrs) / (v_hat.sqrt() + self._per_coord(epss))
+            v_hat = v * inv_bc
+        # v_rec / v are not normalised: lr/(sqrt(v_hat)+eps) needs the real value
+        step_size = lr / (v_hat.sqrt() + eps)
         if not self.scaled_v:  # fixed per-tensor scales keep float32 co-moments far from underflow
             self.scale[1] = self._per_coord(self._segment_mean(v_hat.abs()))
             self.scale[2] = self._per_coord(self._segment_mean(step_size.abs()))
@@ -453,7 +461,7 @@ class MomentCorrelation(Callback):
         filename: the CSV written into the run directory (None: no file).
     """
 
-    def __init__(self, every_n_steps: int = 1, log_every_n_steps: int = 50, num_coords: int = 256,
+    def __init__(self, every_n_steps: int = 10, log_every_n_steps: int = 50, num_coords: int = 256,
                  window: int | None = 2000, lags: Iterable[int] = (1, 2, 5, 10), seed: int = 0,
                  protocol: str = "live", protocol_beta2: float = 0.9, freeze_after_step: int | None = None,
                  start_step: int = 0, include: Iterable[str] | None = None,
