@@ -36,6 +36,7 @@ import json
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -280,6 +281,14 @@ class Sweep:
                 self.gpus.put(g)
         self.done = 0
         self.outcomes: dict[str, str] = {}
+        self.procs: set[subprocess.Popen] = set()
+
+    def terminate(self) -> None:
+        """SIGTERM to the running runs: each saves checkpoints/last.ckpt and exits (train.py)."""
+        with self.lock:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.terminate()
 
     def command(self, combo: dict, resume: Path | None) -> list[str]:
         p = self.plan
@@ -323,8 +332,9 @@ class Sweep:
             for f in futures:
                 f.result()
         except KeyboardInterrupt:
-            # the runs got SIGINT too (same process group) and save a checkpoint; wait for them
-            self._say("interrupted: waiting for running runs to save their checkpoints; "
+            # Ctrl-C reached the runs too (same process group); SIGTERM was forwarded by the handler in
+            # main(). Either way each run saves a checkpoint: wait for them, start nothing new.
+            self._say("interrupted: waiting for the running runs to save their checkpoints; "
                       "re-run the same command to resume")
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -361,10 +371,16 @@ class Sweep:
                 err.flush()
                 err_start = err.tell()
                 try:
-                    rc = subprocess.run(cmd, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL).returncode
+                    proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL)
                 except OSError as e:
                     err.write(f"could not start: {e}\n".encode())
                     rc = 127
+                else:
+                    with self.lock:
+                        self.procs.add(proc)
+                    rc = proc.wait()
+                    with self.lock:
+                        self.procs.discard(proc)
         finally:
             if self.gpus is not None and gpu is not None:
                 self.gpus.put(gpu)
@@ -575,10 +591,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         _write_json(out / "sweep.json", plan)
         started = time.time()
+
+        def on_sigterm(signum, frame):  # e.g. a cancelled SLURM job: stop the runs cleanly, then us
+            sweep.terminate()
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             outcomes = sweep.run_all()
         except KeyboardInterrupt:
             return 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         failed = sorted(n for n, o in outcomes.items() if o in ("failed", "interrupted"))
         ran = sum(o != "skipped" for o in outcomes.values())
         print(f"sweep finished in {time.time() - started:.1f} s: {ran} ran, "
