@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import shlex
 import signal
 import subprocess
@@ -124,8 +125,6 @@ def to_cli(value: Any) -> str:
 
 
 def _slug(text: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "_"
 
 
@@ -139,6 +138,11 @@ def combo_name(optimizer: str, params: dict, seed: int) -> str:
     return "__".join(parts + [f"seed{seed}"])
 
 
+def combo_flags(fixed: dict, params: dict) -> list[str]:
+    """The per-combination train.py flags: the optimizer's fixed settings, then its grid point."""
+    return [x for k, v in {**fixed, **params}.items() for x in (f"--{k}", to_cli(v))]
+
+
 @dataclass
 class Combo:
     name: str
@@ -148,10 +152,7 @@ class Combo:
     seed: int
 
     def flags(self) -> list[str]:
-        out = []
-        for k, v in {**self.fixed, **self.params}.items():
-            out += [f"--{k}", to_cli(v)]
-        return out
+        return combo_flags(self.fixed, self.params)
 
     def to_json(self, task: str) -> dict:
         return {"name": self.name, "optimizer": self.optimizer, "params": self.params, "fixed": self.fixed,
@@ -297,9 +298,7 @@ class Sweep:
         cmd = [self.python, "-m", "adashift_pl.train", "--task", p["task"], *opt,
                "--seed", str(combo["seed"]), "--log-dir", str((self.dir / "runs" / combo["name"]).resolve()),
                "--run-name", combo["name"]]
-        cmd += p.get("passthrough", [])
-        for k, v in {**combo.get("fixed", {}), **combo["params"]}.items():
-            cmd += [f"--{k}", to_cli(v)]
+        cmd += p.get("passthrough", []) + combo_flags(combo.get("fixed", {}), combo["params"])
         if resume is not None:
             cmd += ["--resume", str(resume.resolve())]
         return cmd
