@@ -130,6 +130,13 @@ def _list() -> int:
         except Exception as e:  # a task whose module is missing or broken is still listed
             desc = f"(not available: {_one_line(e)})"
         print(f"  {name:24s} {desc}")
+        path = default_config_path(name)
+        if path is not None:
+            try:
+                blocks = ", ".join(load_yaml(path).get("optimizer") or {}) or "(none)"
+            except UserError as e:
+                blocks = f"(unreadable: {_one_line(e)})"
+            print(f"  {'':24s} {path}: optimizer blocks {blocks}")
     print("optimizers (factory defaults; a config's optimizer: block overrides them):")
     for name, defaults in list_optimizers().items():
         print(f"  {name:24s} {', '.join(f'{k}={v}' for k, v in defaults.items())}")

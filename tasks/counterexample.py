@@ -37,7 +37,7 @@ from adashift_pl.optim import build_optimizer
 
 LAYOUTS = ("rows", "scalars")
 
-DESCRIPTION = "Eq. 7 stochastic online counterexample (Section 5.1, Fig. 1a): K independent scalar replicas"
+DESCRIPTION = "Eq. 7 stochastic online counterexample (Section 5.1, Fig. 1a): K independent replicas of θ"
 MONITOR = None  # θ is not a metric to maximise; the last checkpoint is the result
 
 _STEP_MIX = 0x9E3779B1  # Weyl increment: seeds of neighbouring (seed, step) pairs do not collide
