@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,7 @@ class RunCallback(Callback):
         self._last_print_step = -1
         self._print_t = time.time()
         self._print_step = 0
+        self._previous_sigint = None
 
     # ---- state across --resume -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -154,6 +157,31 @@ class RunCallback(Callback):
             print(f"training {self.config['task']} with {self.config['optimizer']['name']}: "
                   f"{total} steps, run dir {self.run_dir}", flush=True)
         self._print_t, self._print_step = time.time(), trainer.global_step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install_sigint()
+
+    def _install_sigint(self) -> None:
+        """While training: first Ctrl-C finishes the step, saves last.ckpt, exits 130; a second aborts.
+
+        Installed only around the training loop, so Ctrl-C during set-up (e.g. a download) acts at once.
+        """
+        if threading.current_thread() is not threading.main_thread() or self._previous_sigint is not None:
+            return
+
+        def handler(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = "SIGINT"
+            print("\ninterrupt: stopping after this step and saving checkpoints/last.ckpt "
+                  "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+        self._previous_sigint = signal.signal(signal.SIGINT, handler)
+
+    def restore_sigint(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     # ---- every step ----------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -211,6 +239,7 @@ class RunCallback(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         # The final state as last.ckpt (Lightning's save_last only fires with a periodic save).
         trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        self.restore_sigint()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):

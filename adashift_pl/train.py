@@ -22,13 +22,9 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import inspect
-import json
-import math
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +32,6 @@ from typing import Any
 
 from adashift_pl.config import (
     default_config_path,
-    dump_yaml,
     flatten,
     load_yaml,
     merge,
@@ -511,7 +506,6 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
     }
 
     status, code = "failed", 1
-    previous = _install_sigint(run_cb)
     t0 = time.time()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
@@ -521,7 +515,7 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
     except SystemExit as e:  # Lightning's SIGTERMException, or its sys.exit(1) after a KeyboardInterrupt
         status, code = "interrupted", 143 if type(e).__name__ == "SIGTERMException" else 130
     finally:
-        signal.signal(signal.SIGINT, previous) if previous is not None else None
+        run_cb.restore_sigint()
         if trainer.global_rank == 0:
             provenance["device"] = _device_name(trainer)
             summary = run_cb.make_summary(
@@ -555,23 +549,6 @@ def make_correlation_callback(knobs: dict | None):
         raise UserError(f"unknown correlation key {key!r}: allowed are {', '.join(allowed)}") from None
     except ValueError as e:
         raise UserError(f"invalid correlation setting: {_one_line(e)}") from None
-
-
-def _install_sigint(run_cb):
-    """First Ctrl-C: finish the current step, save last.ckpt, exit 130. Second: abort at once."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        if run_cb.interrupted:
-            raise KeyboardInterrupt
-        run_cb.interrupted = "SIGINT"
-        print("\ninterrupt: stopping after this step and saving checkpoints/last.ckpt "
-              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-
-    return signal.signal(signal.SIGINT, handler)
 
 
 def _versions() -> dict:
