@@ -311,7 +311,8 @@ class _Tracker:
                     p.copy_(saved)  # the paper's protocol: gradients sampled at one fixed point
         if cb.freeze_after_step is not None and t == cb.freeze_after_step:
             self.frozen = [p.detach().clone() for _, p, _, _ in self.entries]
-            self.moments.reset()  # the measurement window starts now
+            self.moments.reset()  # the measurement window starts now ...
+            self.ring.clear()  # ... and lagged pairs use only gradients taken at the fixed point (t > freeze)
         paper = cb.protocol == "paper"
         k = cb.every_n_steps
         sample_now = t % k == 0 and t >= cb.start_step and (
@@ -324,7 +325,7 @@ class _Tracker:
             self.scale = torch.ones(3, self.num, device=self.device)
             self.scale[0] = self._per_coord(self._segment_mean(g.abs()))
         g = g / self.scale[0]
-        if self.lags:
+        if self.lags and (cb.freeze_after_step is None or t != cb.freeze_after_step):
             self.ring[t] = g
             for old in [s for s in self.ring if s < t - self.max_lag]:
                 del self.ring[old]
@@ -394,13 +395,13 @@ class _Tracker:
         return (["g2_v", "absg_step"] + [f"temporal_lag{lag}" for lag in self.lags]
                 + [f"spatial_lag{lag}" for lag in self.lags])
 
-    def sums(self) -> tuple[Tensor, Tensor]:
-        """Per metric and tensor: sum of valid per-coordinate r, and their count (both (P, T))."""
+    def sums(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Per metric and tensor: sum of the valid per-coordinate r, of r^2, and their count ((P, T) each)."""
         r, valid = self.moments.pearson()
         num_t = len(self.counts)
-        s = torch.zeros(r.shape[0], num_t, device=r.device).index_add_(1, self.segment, r)
-        c = torch.zeros(r.shape[0], num_t, device=r.device).index_add_(1, self.segment, valid.float())
-        return s.cpu(), c.cpu()
+        out = [torch.zeros(r.shape[0], num_t, device=r.device, dtype=torch.float64).index_add_(
+            1, self.segment, z.double()) for z in (r, r * r, valid.float())]
+        return tuple(o.cpu() for o in out)
 
     def remove(self) -> None:
         if self.handle is not None:
@@ -518,22 +519,30 @@ class MomentCorrelation(Callback):
             tr.remove()
 
     def compute(self) -> dict[str, Any]:
-        """{"overall": {metric: r}, "tensors": {name: {metric: r}}, "coords": {...}, "samples": n}."""
-        out: dict[str, Any] = {"overall": {}, "tensors": {}, "coords": {}, "samples": 0}
+        """The current estimates: {"overall": {metric: r}, "se": {metric: standard error of the overall
+        r}, "tensors": {name: {metric: r}}, "coords": {name: coordinates averaged}, "samples": n}.
+
+        r is the mean over sampled coordinates of the per-coordinate Pearson; ``se`` is the spread of the
+        per-coordinate values / sqrt(coordinates) -- exact for independent coordinates, a lower bound when
+        coordinates share noise."""
+        out: dict[str, Any] = {"overall": {}, "se": {}, "tensors": {}, "coords": {}, "samples": 0}
         totals: dict[str, list[float]] = {}
         for tr in self.trackers:
-            s, c = tr.sums()
+            s, s2, c = tr.sums()
             out["samples"] = max(out["samples"], tr.moments.n)
             for mi, metric in enumerate(tr.metric_names()):
-                tot = totals.setdefault(metric, [0.0, 0.0])
+                tot = totals.setdefault(metric, [0.0, 0.0, 0.0])
                 tot[0] += float(s[mi].sum())
-                tot[1] += float(c[mi].sum())
+                tot[1] += float(s2[mi].sum())
+                tot[2] += float(c[mi].sum())
                 for ti, name in enumerate(tr.names):
                     cnt = float(c[mi, ti])
                     out["tensors"].setdefault(name, {})[metric] = float(s[mi, ti]) / cnt if cnt else None
                     if metric == "g2_v":
                         out["coords"][name] = int(cnt)
-        out["overall"] = {m: (t[0] / t[1] if t[1] else None) for m, t in totals.items()}
+        for m, (s1, s2, n) in totals.items():
+            out["overall"][m] = s1 / n if n else None
+            out["se"][m] = math.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0) / (n - 1)) if n > 1 else None
         return out
 
     def protocol_info(self) -> dict[str, Any]:
