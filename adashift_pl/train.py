@@ -57,6 +57,8 @@ TOP_LEVEL_KEYS = {"task", "seed", "num_threads", "model", "data", "trainer", "op
 # Sections that define *what* is trained: changing one of them on --resume would be silently
 # overwritten by the checkpoint's state (optimizer param_groups, weights), so it is refused.
 HPARAM_SECTIONS = ("seed", "model", "data", "optimizer")
+# data keys that say where/how to load, not what is trained: free to change on --resume.
+RESUME_FREE_DATA_KEYS = {"dir", "download", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor"}
 RUN_NAME_ENV = "ADASHIFT_PL_RUN_NAME"  # lets DDP worker processes agree on rank 0's run directory
 CKPT_KEY = "adashift_pl"  # our entry in every checkpoint: the resolved config
 
@@ -284,6 +286,8 @@ def hparam_differences(saved: dict, new: dict) -> list[str]:
         a = flatten({section: saved.get(section)}) if isinstance(saved.get(section), dict) else {section: saved.get(section)}
         b = flatten({section: new.get(section)}) if isinstance(new.get(section), dict) else {section: new.get(section)}
         for k in sorted(set(a) | set(b)):
+            if section == "data" and k.split(".", 1)[-1] in RESUME_FREE_DATA_KEYS:
+                continue
             if plain(a.get(k)) != plain(b.get(k)):
                 diffs.append(f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}")
     return diffs
@@ -390,6 +394,9 @@ def _run(argv: list[str]) -> int:
         run_dir = resume_ckpt.parent.parent
         log_dir = run_dir.parent.parent.parent
         run_name = run_dir.name
+        if args.run_name not in (None, run_name):
+            raise UserError(f"--run-name {args.run_name} differs from the resumed run {run_dir}: a resumed run "
+                            f"continues in its own directory; drop --run-name")
     else:
         inherited = os.environ.get(RUN_NAME_ENV) if _rank_from_env() > 0 else None  # a DDP worker
         run_name = args.run_name or inherited or next_version(log_dir / task_name / optimizer_name)

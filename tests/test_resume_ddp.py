@@ -69,6 +69,8 @@ def test_resume_refuses_changed_hyperparameters_and_accepts_a_path(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "optimizer.lr: checkpoint 0.01, now 0.05" in err and len(err.splitlines()) == 1
     assert run(tmp_path, *base, "--resume", "last", "--model.dim", "4") == 2
+    assert run(tmp_path, *base, "--resume", "last", "--seed", "1") == 2
+    assert run(tmp_path, *base, "--resume", "last", "--run-name", "other") == 2
     assert run(tmp_path, "--task", "quadratic", "--optimizer", "sgd", "--resume",
                str(tmp_path / "quadratic" / "adam" / "version_0" / "checkpoints" / "last.ckpt")) == 2
     capsys.readouterr()
