@@ -79,14 +79,14 @@ def sample_mixture(name: str, n: int, generator: torch.Generator) -> Tensor:
     return centers[idx] + std * torch.randn(n, 2, generator=generator)
 
 
-def mode_stats(name: str, samples: Tensor) -> dict[str, float]:
+def mode_stats(name: str, samples: Tensor) -> dict[str, Tensor]:
     """How close samples are to the mixture: mean distance to the nearest mode (in units of the mode's std),
-    fraction within 3 std of a mode ("high quality"), and how many modes have such a sample."""
+    fraction within 3 std of a mode ("high quality"), and how many modes have such a sample (no host sync)."""
     centers, std = mixture(name)
-    dist, nearest = torch.cdist(samples.float().cpu(), centers).min(1)
-    good = dist < 3 * std
-    return {"mode_distance": (dist.mean() / std).item(), "high_quality": good.float().mean().item(),
-            "modes_covered": float(nearest[good].unique().numel())}
+    dist, nearest = torch.cdist(samples.float(), centers.to(samples.device)).min(1)
+    good = (dist < 3 * std).float()
+    hits = torch.zeros(len(centers), device=samples.device).index_add_(0, nearest, good)
+    return {"mode_distance": dist.mean() / std, "high_quality": good.mean(), "modes_covered": (hits > 0).sum().float()}
 
 
 class MixtureStream:
@@ -400,23 +400,26 @@ class WGANGP(L.LightningModule):
     # -- pictures
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step
-        if step == 1 or step % self.hparams.sample_every_n_steps == 0:
-            self.log_samples(step)
+        picture = step == 1 or step % self.hparams.sample_every_n_steps == 0
+        # Lightning writes logged values every log_every_n_steps (and re-writes stale ones), so the sample
+        # scalars are computed on exactly those steps (2-D, full mode: a fixed generator's are constant).
+        scalars = (self.hparams.dataset in MIXTURES and self.hparams.mode == "full"
+                   and step % self.trainer.log_every_n_steps == 0)
+        if picture or scalars:
+            self.log_samples(step, picture, scalars)
 
     @torch.no_grad()
-    def log_samples(self, step: int) -> None:
-        """Sample-quality scalars (2-D, full mode: a fixed generator's are constant) on every rank; the picture
-        to TensorBoard from rank 0."""
+    def log_samples(self, step: int, picture: bool = True, scalars: bool = True) -> None:
+        """Sample-quality scalars on every rank; the picture to TensorBoard from rank 0."""
         dataset = self.hparams.dataset
         noise = self.fixed_noise if dataset in MIXTURES else self.fixed_noise[:64]
         training = self.generator.training
         self.generator.eval()  # BatchNorm (DCGAN): running statistics, and sampling must not update them
         fake = self.generator(noise).float()
         self.generator.train(training)
-        if dataset in MIXTURES and self.hparams.mode == "full":
-            stats = mode_stats(dataset, fake)
-            self.log_dict({f"samples/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
-        if self.global_rank != 0:
+        if scalars:
+            self.log_dict({f"samples/{k}": v for k, v in mode_stats(dataset, fake).items()})
+        if not picture or self.global_rank != 0:
             return
         for logger in self.loggers:
             if not isinstance(logger, TensorBoardLogger):
