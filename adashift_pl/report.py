@@ -213,8 +213,9 @@ class Run:
 
     def final(self, metric: str) -> float | None:
         """Final value of `metric`: summary final_metrics, else the last logged scalar.
-        None when the run has no result; NaN when it diverged without a finite value."""
-        if self.summary is None:
+        None when the run has no result (failed, interrupted: a partial run would bias the
+        mean; it is listed instead); NaN when it diverged (a miss)."""
+        if self.summary is None or self.status != "completed":
             return None
         value = (self.summary.get("final_metrics") or {}).get(metric)
         if value is None:
@@ -236,6 +237,14 @@ class Run:
             return True
         return any(not is_finite(v) for v in (self.summary.get("final_metrics") or {}).values()
                    if isinstance(v, (int, float)) or v is None)
+
+    def is_miss(self, metric: str) -> bool:
+        """A miss counts against its optimizer: the run failed, or finished with a non-finite
+        value (diverged). Interrupted or not-yet-run runs are neither results nor misses."""
+        if self.status == "failed":
+            return True
+        v = self.final(metric)
+        return v is not None and not math.isfinite(v)
 
     def scalars(self) -> dict[str, Scalar]:
         if self._scalars is None:
@@ -361,11 +370,14 @@ class Point:
     def finals(self, metric: str) -> dict[int, float | None]:
         return {r.seed: r.final(metric) for r in self.runs}
 
+    def misses(self, metric: str) -> int:
+        return sum(r.is_miss(metric) for r in self.runs)
+
     def score(self, metric: str, mode: str) -> tuple:
         """Sort key, smaller is better: first fewer misses (diverged, failed), then the
         mean final value over the finite seeds (sign-flipped for max)."""
         values = [r.final(metric) for r in self.runs]
-        misses = sum(not is_finite(v) for v in values)
+        misses = self.misses(metric)
         m, _, n = mean_std(values)
         if n == 0:
             return (misses, 1, 0.0)
@@ -586,7 +598,7 @@ def plot_sensitivity(path: Path, key: str, points: list[Point], metric: str, mod
             xs.append(p.params[key] if numeric else cats.index(format_value(p.params[key])))
             ms.append(m)
             ss.append(s)
-            misses = sum(not is_finite(v) for v in p.finals(metric).values())
+            misses = p.misses(metric)
             notes.append(f"{misses}/{len(p.runs)} miss" if misses else "")
         others = {k: v for k, v in ps[0].params.items() if k != key}
         label = pretty(opt) + (f" ({format_params(others)})" if others else "")
@@ -816,25 +828,28 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
         target_json[f"{tmetric}={tvalue:g}"] = {}
         for opt in optimizers:
             p = best[opt]
-            hits = []
-            for r in p.runs:
-                s = r.scalars().get(tmetric)
-                hit = time_to_target(s.steps, s.values, s.wall_times, tvalue, tmode) if s is not None else None
-                hits.append(hit)
-            got = [h for h in hits if h is not None]
+            # completed runs: a hit or a miss; failed: a miss; interrupted or not run: no verdict yet
+            counted = [r for r in p.runs if r.status in ("completed", "failed")]
+            hits = {}
+            for r in counted:
+                s = r.scalars().get(tmetric) if r.status == "completed" and not r.diverged else None
+                hits[r.seed] = time_to_target(s.steps, s.values, s.wall_times, tvalue, tmode) if s else None
+            got = [h for h in hits.values() if h is not None]
             med_steps = float(np.median([h[0] for h in got])) if got else math.nan
             med_secs = float(np.median([h[1] for h in got])) if got else math.nan
-            target_json[f"{tmetric}={tvalue:g}"][opt] = {"hits": len(got), "runs": len(hits),
-                                                         "per_seed": {str(r.seed): h for r, h in zip(p.runs, hits)},
+            target_json[f"{tmetric}={tvalue:g}"][opt] = {"hits": len(got), "runs": len(counted),
+                                                         "per_seed": {str(k): h for k, h in hits.items()},
                                                          "median_steps": med_steps, "median_seconds": med_secs}
-            rows.append([pretty(opt), f"{len(got)} / {len(hits)}",
+            per_seed = ", ".join("—" if r.seed not in hits else ("miss" if hits[r.seed] is None else
+                                                               str(hits[r.seed][0])) for r in p.runs)
+            rows.append([pretty(opt), f"{len(got)} / {len(counted)}",
                          fmt(med_steps) if got else "never",
-                         fmt(med_secs, 3) if got else "never",
-                         ", ".join("miss" if h is None else str(h[0]) for h in hits)])
+                         fmt(med_secs, 3) if got else "never", per_seed])
         lines += [f"## Steps and time to target {tmetric} {'≥' if tmode == 'max' else '≤'} {tvalue:g}", "",
                   "First logged step reaching the target (AlgoPerf's time-to-result); time is wall clock from "
                   "the run's first logged point (it includes any pause between an interruption and its resume). "
-                  "A run that never reaches the target, or diverges first, is a miss.", ""]
+                  "A run that never reaches the target, diverges, or fails is a miss; an interrupted run "
+                  "(—) is not counted yet.", ""]
         lines += _table(["optimizer", "reached", "median steps", "median seconds", "steps per seed"], rows)
 
     # --- figures
@@ -899,7 +914,7 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
     rows = []
     for p in sorted(points, key=lambda p: (p.optimizer, p.score(metric, mode))):
         vals = p.finals(metric)
-        misses = sum(not is_finite(v) for v in vals.values())
+        misses = p.misses(metric)
         walls = [float(r.summary["wall_seconds"]) for r in p.runs if r.summary and r.summary.get("wall_seconds") is not None]
         rows.append([pretty(p.optimizer), format_params(p.params), str(len(p.runs)),
                      fmt_mean_std(vals.values()), str(misses),

@@ -149,6 +149,9 @@ def fabricated(tmp_path):
                                  curve=[1.0, 0.4, 0.05 + 0.05 * seed], final=0.05 + 0.05 * seed, corr=0.0))
         combos.append(_write_run(sweep, f"adashift__lr=0.01__seed{seed}", "adashift", {"optimizer.lr": 0.01},
                                  seed, curve=[1.0, 0.8, 0.5], final=0.5, corr=0.0))
+    # an interrupted run (a partial result): neither a result nor a miss, listed
+    combos.append(_write_run(sweep, "adashift__lr=0.1__seed2", "adashift", {"optimizer.lr": 0.1}, 2,
+                             curve=[1.0, 0.9], final=5.0, status="interrupted", corr=0.0))
     # a failed run: compare.json with exit code and an error file, no summary
     failed = sweep / "runs" / "adashift__lr=-1__seed0"
     failed.mkdir(parents=True)
@@ -176,21 +179,29 @@ def test_report_from_fabricated_runs(fabricated):
     main = {r[0]: r for r in _table_rows(md, "Results")}
     assert main["Adam"][1] == "lr=0.01" and main["AdaShift"][1] == "lr=0.1"
     assert main["Adam"][3] == f"{0.35:.4g} ± {np.std([0.3, 0.4], ddof=1):.2g}"
-    assert main["Adam"][2] == "2 / 2"
+    assert main["Adam"][2] == "2 / 2" and main["AdaShift"][2] == "2 / 3"
+    assert main["AdaShift"][3] == f"{0.175:.4g} ± {np.std([0.15, 0.2], ddof=1):.2g}"  # interrupted run left out
     # every run with its summary.json value; the diverged one flagged
     runs = {r[0]: r for r in _table_rows(md, "Every run")}
     assert runs["adam__lr=0.1__seed1"][3] == "completed (diverged)" and runs["adam__lr=0.1__seed1"][4] == "nan"
     assert float(runs["adashift__lr=0.1__seed1"][4]) == pytest.approx(0.2)
     assert runs["adashift__lr=-1__seed0"][3] == "failed"
+    assert runs["adashift__lr=0.1__seed2"][3] == "interrupted" and runs["adashift__lr=0.1__seed2"][4] == "—"
+    grid = {(r[0], r[1]): r for r in _table_rows(md, "Every grid point")}
+    assert grid[("AdaShift", "lr=0.1")][4] == "0" and grid[("Adam", "lr=0.1")][4] == "1"  # misses
     # paired: adashift beats adam on both seeds
     paired = _table_rows(md, "Seed-paired comparison")
     assert paired[0][0] == "AdaShift" and paired[0][4] == "2-0-0" and paired[0][5] == "1"
+    assert paired[0][8] == "1"  # seed 2: no adam run, adashift's interrupted
     # target train/loss <= 0.5 (from sweep.json): adam at step 20 on both seeds
     target = {r[0]: r for r in _table_rows(md, "Steps and time to target")}
     assert target["Adam"][1] == "2 / 2" and target["Adam"][2] == "20"
-    assert target["AdaShift"][4] == "10, 10"
+    assert target["AdaShift"][4] == "10, 10, —" and target["AdaShift"][1] == "2 / 2"
     # failures listed with their stderr
-    assert "Invalid learning rate: -1" in md.split("## Failed", 1)[1]
+    failed = {r[0]: r for r in _table_rows(md, "Failed")}
+    assert failed["adashift__lr=-1__seed0"][1:3] == ["failed", "2"]
+    assert "Invalid learning rate: -1" in failed["adashift__lr=-1__seed0"][3]
+    assert failed["adashift__lr=0.1__seed2"][1] == "interrupted"
     # figures exist and are linked with relative paths
     for name in ("curves_train_loss.png", "curves_val_loss.png", "grid_train_loss.png",
                  "sensitivity_lr.png", "correlation.png"):
