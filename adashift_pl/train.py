@@ -484,13 +484,13 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
         "task": task_name, "run_name": run_name, "data_source": data_source,
         "params/total": n_params, "params/trainable": n_trainable,
     }
-    run_cb = RunCallback(run_dir=run_dir, config=cfg, hparams=hparams, monitor=monitor,
-                         ckpt_key=CKPT_KEY, interactive=sys.stdout.isatty())
-    callbacks.append(run_cb)
-
     trainer_kwargs = dict(cfg["trainer"])
+    # Progress: Lightning's bar in a terminal, plain periodic lines (RunCallback) otherwise.
     trainer_kwargs.setdefault("enable_progress_bar", sys.stdout.isatty())
     trainer_kwargs.setdefault("enable_model_summary", sys.stdout.isatty())
+    run_cb = RunCallback(run_dir=run_dir, config=cfg, hparams=hparams, monitor=monitor,
+                         ckpt_key=CKPT_KEY, interactive=bool(trainer_kwargs["enable_progress_bar"]))
+    callbacks.append(run_cb)
     logger = TensorBoardLogger(save_dir=str(log_dir), name=f"{task_name}/{optimizer_name}", version=run_name,
                                default_hp_metric=False)
     try:
