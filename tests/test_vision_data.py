@@ -183,6 +183,9 @@ def test_mnist_idx_gz_loads_through_torchvision(tmp_path):
     dm3 = MNISTDataModule(dir=str(tmp_path), source="real", val_size=5, seed=4)
     dm3.setup("fit")
     assert dm3.val_set.indices != dm.val_set.indices
+    paper_style = MNISTDataModule(dir=str(tmp_path), source="real", val_size=0)
+    paper_style.setup("fit")
+    assert paper_style.val_set is paper_style.test_set and len(paper_style.train_set) == 30
 
 
 def test_mnist_corrupt_files_are_named(tmp_path):
@@ -333,6 +336,10 @@ def test_tiny_imagenet_download(tmp_path, serve):
     assert sorted(p.name for p in data.iterdir()) == ["tiny-imagenet-200", "tiny-imagenet-200.zip"]
     dm.setup("fit")
     assert len(dm.test_set) == 3 and dm.test_set[2][0].shape == (3, 64, 64)
+    # A half-deleted data set is not silently merged with a new download.
+    (data / "tiny-imagenet-200" / "wnids.txt").unlink()
+    with pytest.raises(UserError, match=r"tiny-imagenet-200 is incomplete: delete that folder"):
+        TinyImageNetDataModule(dir=str(data), source="real", download=True, url=f"{base}/tiny.zip").prepare_data()
 
 
 # --------------------------------------------------------------------------- sources, stand-ins, errors

@@ -211,6 +211,7 @@ class _ImageDataModule(L.LightningDataModule):
     std: tuple[float, ...]
     synthetic_default: tuple[int, int, int]  # train, val, test sizes of the stand-in
     synthetic_sparse = False
+    single_folder = True  # the download creates expected_path in one rename (MNIST: file by file)
 
     def __init__(self, dir: str = "data", source: str = "auto", download: bool = False, batch_size: int = 128,
                  num_workers: int = 0, seed: int = 0, val_size: int = 5000, augment: bool = True,
@@ -263,6 +264,9 @@ class _ImageDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.data_source == "real":
             if not self._real_available():
+                if self.single_folder and self.expected_path.exists():  # never merge into a broken tree
+                    raise UserError(f"{self.name} at {self.expected_path} is incomplete: delete that folder and "
+                                    f"run again with --data.download true")
                 self._download()
             self._prepare_real()
 
@@ -320,6 +324,7 @@ class MNISTDataModule(_ImageDataModule):
     mean, std = (0.1307,), (0.3081,)
     synthetic_default = (5000, 1000, 1000)
     synthetic_sparse = True
+    single_folder = False
     FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
     @property
