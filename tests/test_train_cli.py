@@ -193,3 +193,13 @@ def test_correlation_callback_feeds_summary(tmp_path, capsys):
                "--trainer.log_every_n_steps", "5") == 0
     s = json.loads((Path(last_line(capsys)) / "summary.json").read_text())
     assert isinstance(s["correlation"], dict)
+
+
+def test_plain_progress_lines_without_a_terminal(tmp_path, capsys):
+    assert run(tmp_path, "--task", "counterexample_seq", "--optimizer", "adam", "--trainer.max_steps", "40",
+               *FAST) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("training counterexample_seq with adam: 40 steps")
+    steps = [line for line in out if line.startswith("step ")]
+    assert steps and steps[-1].startswith("step 40/40") and "theta/value=" in steps[-1]
+    assert out[-3].startswith("completed: counterexample_seq / adam  step 40")
