@@ -704,130 +704,143 @@ def _curve_tags(runs: list[Run]) -> list[str]:
     return sorted(keep, key=lambda t: (order.get(t.split("/")[0], 3), t))
 
 
-def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
-                 targets: Sequence[str] | None = None, select: str | None = None,
-                 out_dir: Path | str | None = None) -> Path:
-    """Write report.md, report.json and the figures; return the path of report.md."""
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise UserError(f"sweep directory {sweep_dir} does not exist")
-    runs, plan = load_runs(sweep_dir)
-    out = Path(out_dir) if out_dir else sweep_dir / REPORT_SUBDIR
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
-    baseline = baseline or plan.get("baseline") or "adam"
-    targets = [parse_target(t) for t in (targets if targets is not None else plan.get("targets", []))]
-    metric, mode = choose_metric(runs, select or plan.get("select"))
-    monitor = (metric, mode)
-    task = plan.get("task") or next((r.summary.get("task") for r in runs if r.summary), "?")
-    title_task = plan.get("title") or task
+@dataclass
+class Analysis:
+    """A sweep's runs grouped into grid points, with the selection metric and the chosen points."""
+    sweep_dir: Path
+    out: Path
+    plan: dict
+    runs: list[Run]
+    metric: str
+    mode: str
+    baseline: str
+    targets: list[tuple[str, float]]
+    task: str
+    title: str
+    points: list[Point]
+    best: dict[str, Point]        # optimizer -> its chosen grid point
+    optimizers: list[str]         # in the sweep's order, those with a point
+    finals_keys: list[str]        # the selection metric first, then the other final metrics
 
+    @property
+    def results(self) -> list[Run]:
+        return [r for r in self.runs if r.summary is not None]
+
+
+def analyse(sweep_dir: Path, out: Path, *, baseline: str | None, targets: Sequence[str] | None,
+            select: str | None) -> Analysis:
+    runs, plan = load_runs(sweep_dir)
+    metric, mode = choose_metric(runs, select or plan.get("select"))
+    task = plan.get("task") or next((r.summary.get("task") for r in runs if r.summary), "?")
     points = group_points(runs)
     best = best_points(points, metric, mode)
-    optimizers = list(dict.fromkeys([c for c in plan.get("optimizers", [])] + [p.optimizer for p in points]))
-    optimizers = [o for o in optimizers if o in best]
-    results = [r for r in runs if r.summary is not None]
-    finals_keys = sorted({k for r in results for k in (r.summary.get("final_metrics") or {}) if _is_metric(k)})
-    if metric in finals_keys:
-        finals_keys.remove(metric)
-    finals_keys.insert(0, metric)
+    optimizers = [o for o in dict.fromkeys(plan.get("optimizers", []) + [p.optimizer for p in points]) if o in best]
+    finals = sorted({k for r in runs if r.summary for k in (r.summary.get("final_metrics") or {}) if _is_metric(k)})
+    return Analysis(
+        sweep_dir=sweep_dir, out=out, plan=plan, runs=runs, metric=metric, mode=mode,
+        baseline=baseline or plan.get("baseline") or "adam",
+        targets=[parse_target(t) for t in (targets if targets is not None else plan.get("targets", []))],
+        task=task, title=plan.get("title") or task, points=points, best=best, optimizers=optimizers,
+        finals_keys=[metric] + [k for k in finals if k != metric])
 
-    lines = [f"# Optimizer comparison: {title_task}", ""]
-    counts = {s: sum(r.status == s for r in runs) for s in ("completed", "interrupted", "failed", "missing")}
-    n_div = sum(r.diverged for r in runs)
-    lines += [f"Sweep `{sweep_dir.name}`, task `{task}`: {len(runs)} runs: {counts['completed']} completed, "
-              f"{counts['interrupted']} interrupted, {counts['failed']} failed, {counts['missing']} not run; "
-              f"{n_div} diverged (counted as misses).", ""]
-    if plan.get("expect"):
-        lines += [f"Paper: {plan['expect']}", ""]
-    sources = sorted({str(r.summary.get("data_source")) for r in results if r.summary.get("data_source")})
+
+def _header(a: Analysis) -> list[str]:
+    counts = {s: sum(r.status == s for r in a.runs) for s in ("completed", "interrupted", "failed", "missing")}
+    lines = [f"# Optimizer comparison: {a.title}", "",
+             f"Sweep `{a.sweep_dir.name}`, task `{a.task}`: {len(a.runs)} runs: {counts['completed']} completed, "
+             f"{counts['interrupted']} interrupted, {counts['failed']} failed, {counts['missing']} not run; "
+             f"{sum(r.diverged for r in a.runs)} diverged (counted as misses).", ""]
+    if a.plan.get("expect"):
+        lines += [f"Paper: {a.plan['expect']}", ""]
+    sources = sorted({str(r.summary.get("data_source")) for r in a.results if r.summary.get("data_source")})
     if "synthetic" in sources:
         lines += ["> **Data: SYNTHETIC stand-in** (the real data set was not on disk). These numbers say "
                   "nothing about the paper's benchmark; see the task's README section to get the real data.", ""]
     elif sources:
         lines += [f"Data source: {', '.join(sources)}.", ""]
-    lines += [f"Each optimizer's grid point is chosen by the final `{metric}` ({mode}imized, mean over "
+    lines += [f"Each optimizer's grid point is chosen by the final `{a.metric}` ({a.mode}imized, mean over "
               "seeds; a point with a diverged or failed seed ranks below one without), as in Section 5 of "
               "the paper. Values are mean ± sample std over seeds of the final value; 'best' is the best "
-              "value seen during the run (summary.json `best_metric`).", ""]
+              "value seen during the run (summary.json `best_metric`); interrupted runs are left out.", ""]
+    return lines
 
-    # --- main table
-    header = ["optimizer", "chosen hyper-parameters", "seeds ok / run"] + [f"final {k}" for k in finals_keys]
-    has_best = any((r.summary or {}).get("best_metric") for r in results)
-    if has_best:
-        header.append(f"best {metric}")
-    header += ["steps", "wall time (s)"]
-    rows, table_json = [], {}
-    for opt in optimizers:
-        p = best[opt]
-        ok = sum(r.status == "completed" and not r.diverged for r in p.runs)
+
+def _stats(values: Iterable[float | None]) -> dict:
+    return dict(zip(("mean", "std", "n"), mean_std(values)))
+
+
+def _results_section(a: Analysis) -> tuple[list[str], dict]:
+    header = ["optimizer", "chosen hyper-parameters", "seeds ok / run"] + [f"final {k}" for k in a.finals_keys]
+    has_best = any(r.summary.get("best_metric") for r in a.results)
+    header += ([f"best {a.metric}"] if has_best else []) + ["steps", "wall time (s)"]
+    rows, data, resolved = [], {}, []
+    for opt in a.optimizers:
+        p = a.best[opt]
+        done = [r for r in p.runs if r.status == "completed"]
+        ok = sum(not r.diverged for r in done)
+        entry = {"params": p.params, "seeds": [r.seed for r in p.runs], "ok": ok,
+                 "final": {k: _stats(r.final(k) for r in p.runs) for k in a.finals_keys}}
         row = [pretty(opt), format_params(p.params), f"{ok} / {len(p.runs)}"]
-        entry = {"params": p.params, "seeds": [r.seed for r in p.runs], "ok": ok, "final": {}}
-        for k in finals_keys:
-            vals = [r.final(k) for r in p.runs]
-            row.append(fmt_mean_std(vals))
-            m, s, n = mean_std(vals)
-            entry["final"][k] = {"mean": m, "std": s, "n": n}
+        row += [fmt_mean_std(r.final(k) for r in p.runs) for k in a.finals_keys]
         if has_best:
-            bvals = [((r.summary or {}).get("best_metric") or {}).get("value") for r in p.runs]
+            bvals = [(r.summary.get("best_metric") or {}).get("value") for r in done]
             bvals = [float(v) if v is not None else None for v in bvals]
             row.append(fmt_mean_std(bvals))
-            entry["best"] = dict(zip(("mean", "std", "n"), mean_std(bvals)))
-        steps = [r.summary.get("global_step") for r in p.runs if r.summary]
-        walls = [r.summary.get("wall_seconds") for r in p.runs if r.summary]
-        row += [fmt_mean_std([float(x) for x in steps if x is not None]),
-                fmt_mean_std([float(x) for x in walls if x is not None])]
-        entry["wall_seconds"] = dict(zip(("mean", "std", "n"), mean_std([float(x) for x in walls if x is not None])))
+            entry["best"] = _stats(bvals)
+        steps = [float(r.summary["global_step"]) for r in done if r.summary.get("global_step") is not None]
+        walls = [float(r.summary["wall_seconds"]) for r in done if r.summary.get("wall_seconds") is not None]
+        row += [fmt_mean_std(steps), fmt_mean_std(walls)]
+        entry["wall_seconds"] = _stats(walls)
         rows.append(row)
-        table_json[opt] = entry
-    lines += ["## Results (best grid point per optimizer)", ""] + _table(header, rows)
-    resolved = []
-    for opt in optimizers:
-        r = next((r for r in best[opt].runs if r.summary), None)
-        hp = ((r.summary.get("hparams") or {}).get("optimizer") or {}) if r else {}
+        data[opt] = entry
+        hp = next(((r.summary.get("hparams") or {}).get("optimizer") or {} for r in done), {})
         hp = {k: v for k, v in hp.items() if k != "name"}
         if hp:
             resolved.append(f"- {pretty(opt)} (`{opt}`): " + ", ".join(f"{k}={format_value(v)}" for k, v in hp.items()))
+    lines = ["## Results (best grid point per optimizer)", ""] + _table(header, rows)
     if resolved:
         lines += ["Resolved optimizer settings of the chosen points (summary.json `hparams.optimizer`):", ""]
         lines += resolved + [""]
+    return lines, data
 
-    # --- paired comparison
-    paired_json = {}
-    if baseline in best and len(optimizers) > 1:
-        base = best[baseline]
-        rows = []
-        for opt in optimizers:
-            if opt == baseline:
-                continue
-            res = paired_comparison(best[opt].finals(metric), base.finals(metric), mode)
-            paired_json[opt] = res
-            ci = (f"[{fmt(res['ci_low'])}, {fmt(res['ci_high'])}]" if res["finite_pairs"] > 1 else "— (< 2 pairs)")
-            rows.append([pretty(opt), str(res["pairs"]), fmt(res["mean_diff"]), ci,
-                         f"{res['wins']}-{res['ties']}-{res['losses']}", fmt(res["win_rate"], 3),
-                         str(res["candidate_misses"]), str(res["baseline_misses"]), str(res["excluded"])])
-        direction = "higher" if mode == "max" else "lower"
-        lines += [f"## Seed-paired comparison against {pretty(baseline)}", "",
-                  f"Per seed, final `{metric}` of the optimizer minus that of {pretty(baseline)} (same seed: "
-                  f"same initialisation and data order); {direction} is better. 95% percentile-bootstrap CI "
-                  "of the mean difference over seeds where both runs finished with a finite value. Win rate "
-                  "over all seeds with a result on both sides: a diverged run loses to a finite one; two "
-                  "diverged runs tie. Excluded: seeds where either run failed or was not run.", ""]
-        lines += _table(["optimizer", "pairs", "mean diff", "95% CI", "W-T-L", "win rate",
-                         "misses (opt)", f"misses ({pretty(baseline)})", "excluded"], rows)
-    elif len(optimizers) > 1:
-        lines += [f"(No seed-paired comparison: baseline `{baseline}` is not in this sweep; "
-                  "pass --baseline NAME.)", ""]
 
-    # --- targets
-    target_json = {}
-    for tmetric, tvalue in targets:
-        tmode = metric_mode(tmetric, monitor)
-        rows = []
-        target_json[f"{tmetric}={tvalue:g}"] = {}
-        for opt in optimizers:
-            p = best[opt]
+def _paired_section(a: Analysis) -> tuple[list[str], dict]:
+    if len(a.optimizers) < 2:
+        return [], {}
+    if a.baseline not in a.best:
+        return [f"(No seed-paired comparison: baseline `{a.baseline}` is not in this sweep; "
+                "pass --baseline NAME.)", ""], {}
+    base = a.best[a.baseline]
+    rows, data = [], {}
+    for opt in a.optimizers:
+        if opt == a.baseline:
+            continue
+        res = paired_comparison(a.best[opt].finals(a.metric), base.finals(a.metric), a.mode)
+        data[opt] = res
+        ci = f"[{fmt(res['ci_low'])}, {fmt(res['ci_high'])}]" if res["finite_pairs"] > 1 else "— (< 2 pairs)"
+        rows.append([pretty(opt), str(res["pairs"]), fmt(res["mean_diff"]), ci,
+                     f"{res['wins']}-{res['ties']}-{res['losses']}", fmt(res["win_rate"], 3),
+                     str(res["candidate_misses"]), str(res["baseline_misses"]), str(res["excluded"])])
+    name = pretty(a.baseline)
+    lines = [f"## Seed-paired comparison against {name}", "",
+             f"Per seed, final `{a.metric}` of the optimizer minus that of {name} (same seed: same "
+             f"initialisation and data order); {'higher' if a.mode == 'max' else 'lower'} is better. 95% "
+             "percentile-bootstrap CI of the mean difference over seeds where both runs finished with a finite "
+             "value. Win rate over all seeds with a result on both sides: a diverged run loses to a finite one; "
+             "two diverged runs tie. Excluded: seeds where either run failed, was interrupted or was not run.", ""]
+    lines += _table(["optimizer", "pairs", "mean diff", "95% CI", "W-T-L", "win rate", "misses (opt)",
+                     f"misses ({name})", "excluded"], rows)
+    return lines, data
+
+
+def _target_sections(a: Analysis) -> tuple[list[str], dict]:
+    lines, data = [], {}
+    for tmetric, tvalue in a.targets:
+        tmode = metric_mode(tmetric, (a.metric, a.mode))
+        rows, key = [], f"{tmetric}={tvalue:g}"
+        data[key] = {}
+        for opt in a.optimizers:
+            p = a.best[opt]
             # completed runs: a hit or a miss; failed: a miss; interrupted or not run: no verdict yet
             counted = [r for r in p.runs if r.status in ("completed", "failed")]
             hits = {}
@@ -837,13 +850,11 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
             got = [h for h in hits.values() if h is not None]
             med_steps = float(np.median([h[0] for h in got])) if got else math.nan
             med_secs = float(np.median([h[1] for h in got])) if got else math.nan
-            target_json[f"{tmetric}={tvalue:g}"][opt] = {"hits": len(got), "runs": len(counted),
-                                                         "per_seed": {str(k): h for k, h in hits.items()},
-                                                         "median_steps": med_steps, "median_seconds": med_secs}
+            data[key][opt] = {"hits": len(got), "runs": len(counted), "per_seed": {str(k): h for k, h in hits.items()},
+                              "median_steps": med_steps, "median_seconds": med_secs}
             per_seed = ", ".join("—" if r.seed not in hits else ("miss" if hits[r.seed] is None else
                                                                str(hits[r.seed][0])) for r in p.runs)
-            rows.append([pretty(opt), f"{len(got)} / {len(counted)}",
-                         fmt(med_steps) if got else "never",
+            rows.append([pretty(opt), f"{len(got)} / {len(counted)}", fmt(med_steps) if got else "never",
                          fmt(med_secs, 3) if got else "never", per_seed])
         lines += [f"## Steps and time to target {tmetric} {'≥' if tmode == 'max' else '≤'} {tvalue:g}", "",
                   "First logged step reaching the target (AlgoPerf's time-to-result); time is wall clock from "
@@ -851,37 +862,39 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
                   "A run that never reaches the target, diverges, or fails is a miss; an interrupted run "
                   "(—) is not counted yet.", ""]
         lines += _table(["optimizer", "reached", "median steps", "median seconds", "steps per seed"], rows)
+    return lines, data
 
-    # --- figures
-    figures = []
-    groups = [(pretty(o), best[o].runs) for o in optimizers]
-    for tag in _curve_tags(results):
+
+def _figures_section(a: Analysis) -> tuple[list[str], list[str]]:
+    out, figures, best = a.out, [], a.best
+    groups = [(pretty(o), best[o].runs) for o in a.optimizers]
+    tags = _curve_tags(a.results)
+    for tag in tags:
         name = f"curves_{_slug(tag)}.png"
-        if plot_curves(out / name, tag, groups, f"{title_task}: {tag} (best grid point per optimizer)"):
+        if plot_curves(out / name, tag, groups, f"{a.title}: {tag} (best grid point per optimizer)"):
             figures.append((f"{tag}, best grid point per optimizer", name))
-    if plot_lr(out / "curves_lr.png", [(best[o].label.replace(o, pretty(o), 1), best[o].runs) for o in optimizers],
-               f"{title_task}: learning rate (LearningRateMonitor), best grid point per optimizer"):
+    if plot_lr(out / "curves_lr.png", [(best[o].label.replace(o, pretty(o), 1), best[o].runs) for o in a.optimizers],
+               f"{a.title}: learning rate (LearningRateMonitor), best grid point per optimizer"):
         figures.append(("learning rate schedule", "curves_lr.png"))
-    if any(len([p for p in points if p.optimizer == o]) > 1 for o in optimizers):
+    if any(len([p for p in a.points if p.optimizer == o]) > 1 for o in a.optimizers):
         # colour = optimizer, line style = grid point; the chosen point is marked
         all_groups, styles = [], ["-", "--", ":", "-."]
-        for i, opt in enumerate(optimizers):
-            mine = sorted((p for p in points if p.optimizer == opt), key=lambda p: _sort_params(p.params))
+        for i, opt in enumerate(a.optimizers):
+            mine = sorted((p for p in a.points if p.optimizer == opt), key=lambda p: _sort_params(p.params))
             for j, p in enumerate(mine):
                 chosen = " (chosen)" if best[opt] is p else ""
                 all_groups.append((f"{pretty(opt)} {format_params(p.params)}{chosen}", p.runs,
                                    f"C{i % 10}", styles[j % len(styles)]))
-        for tag in _curve_tags(results):
+        for tag in tags:
             name = f"grid_{_slug(tag)}.png"
-            if plot_curves(out / name, tag, all_groups, f"{title_task}: {tag}, every grid point"):
+            if plot_curves(out / name, tag, all_groups, f"{a.title}: {tag}, every grid point"):
                 figures.append((f"{tag}, every grid point", name))
-        keys = list(dict.fromkeys(k for p in points for k in p.params))
-        for key in keys:
-            name = f"sensitivity_{_slug(key.removeprefix('optimizer.'))}.png"
-            if plot_sensitivity(out / name, key, points, metric, mode,
-                                f"{title_task}: sensitivity to {key.removeprefix('optimizer.')}"):
-                figures.append((f"final {metric} against {key}", name))
-    corr_tags = sorted({t for r in results for t in r.scalars() if t.startswith("corr/")})
+        for key in dict.fromkeys(k for p in a.points for k in p.params):
+            short = key.removeprefix("optimizer.")
+            name = f"sensitivity_{_slug(short)}.png"
+            if plot_sensitivity(out / name, key, a.points, a.metric, a.mode, f"{a.title}: sensitivity to {short}"):
+                figures.append((f"final {a.metric} against {key}", name))
+    corr_tags = sorted({t for r in a.results for t in r.scalars() if t.startswith("corr/")})
     omitted = []
     overall = [t for t in corr_tags if t.endswith("/overall")]  # MomentCorrelation: corr/<m>/overall|<param>
     if overall:
@@ -889,53 +902,55 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
     if len(corr_tags) > MAX_FACETS:
         corr_tags.sort(key=lambda t: (t.count("/"), t.count("."), t))
         corr_tags, omitted = sorted(corr_tags[:MAX_FACETS]), sorted(omitted + corr_tags[MAX_FACETS:])
-    if plot_correlation(out / "correlation.png", corr_tags, groups,
-                        f"{title_task}: correlations (MomentCorrelation)"):
+    if plot_correlation(out / "correlation.png", corr_tags, groups, f"{a.title}: correlations (MomentCorrelation)"):
         figures.append(("correlation scalars (corr/*)", "correlation.png"))
+    lines = []
     if figures:
         lines += ["## Figures", ""]
         for caption, name in figures:
             lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
         if omitted:
             lines += [f"Correlation tags not plotted (per-parameter, see TensorBoard): {len(omitted)}.", ""]
-    def corr_numbers(r: Run) -> dict:
-        c = (r.summary or {}).get("correlation")
+    return lines, [name for _, name in figures]
+
+
+def _correlation_section(a: Analysis) -> list[str]:
+    def numbers(r: Run) -> dict:
+        c = (r.summary or {}).get("correlation") if r.status == "completed" else None
         c = c.get("overall", c) if isinstance(c, dict) else {}  # MomentCorrelation.summary()["overall"]
         return {k: v for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    keys = sorted({k for opt in optimizers for r in best[opt].runs for k in corr_numbers(r)})[:8]
-    if keys:
-        rows = [[pretty(opt)] + [fmt_mean_std([corr_numbers(r).get(k) for r in best[opt].runs]) for k in keys]
-                for opt in optimizers]
-        lines += ["## Correlation summary (summary.json `correlation.overall`, mean ± std over seeds)", ""]
-        lines += _table(["optimizer"] + keys, rows)
+    keys = sorted({k for opt in a.optimizers for r in a.best[opt].runs for k in numbers(r)})[:8]
+    if not keys:
+        return []
+    rows = [[pretty(opt)] + [fmt_mean_std(numbers(r).get(k) for r in a.best[opt].runs) for k in keys]
+            for opt in a.optimizers]
+    return (["## Correlation summary (summary.json `correlation.overall`, mean ± std over seeds)", ""]
+            + _table(["optimizer"] + keys, rows))
 
-    # --- every grid point
+
+def _grid_section(a: Analysis) -> list[str]:
     rows = []
-    for p in sorted(points, key=lambda p: (p.optimizer, p.score(metric, mode))):
-        vals = p.finals(metric)
-        misses = p.misses(metric)
-        walls = [float(r.summary["wall_seconds"]) for r in p.runs if r.summary and r.summary.get("wall_seconds") is not None]
+    for p in sorted(a.points, key=lambda p: (p.optimizer, p.score(a.metric, a.mode))):
+        walls = [float(r.summary["wall_seconds"]) for r in p.runs
+                 if r.status == "completed" and r.summary.get("wall_seconds") is not None]
         rows.append([pretty(p.optimizer), format_params(p.params), str(len(p.runs)),
-                     fmt_mean_std(vals.values()), str(misses),
-                     "yes" if best.get(p.optimizer) is p else "", fmt_mean_std(walls)])
-    lines += ["## Every grid point", ""]
-    lines += _table(["optimizer", "hyper-parameters", "seeds", f"final {metric}", "misses", "chosen",
-                     "wall time (s)"], rows)
+                     fmt_mean_std(p.finals(a.metric).values()), str(p.misses(a.metric)),
+                     "yes" if a.best.get(p.optimizer) is p else "", fmt_mean_std(walls)])
+    return ["## Every grid point", ""] + _table(
+        ["optimizer", "hyper-parameters", "seeds", f"final {a.metric}", "misses", "chosen", "wall time (s)"], rows)
 
-    # --- every run
+
+def _runs_section(a: Analysis) -> list[str]:
     rows = []
-    for r in sorted(runs, key=lambda r: r.name):
-        v = r.final(metric)
-        status = r.status + (" (diverged)" if r.diverged else "")
-        rows.append([r.name, pretty(r.optimizer), str(r.seed), status, fmt(v, 6),
-                     str((r.summary or {}).get("global_step", "—")),
-                     fmt((r.summary or {}).get("wall_seconds"), 4), _rel(r.run_dir, out)])
-    lines += ["## Every run", ""]
-    lines += _table(["run", "optimizer", "seed", "status", f"final {metric}", "steps", "wall time (s)",
-                     "run directory"], rows)
-
-    failed = [r for r in runs if r.status in ("failed", "missing", "interrupted")]
+    for r in sorted(a.runs, key=lambda r: r.name):
+        s = r.summary or {}
+        rows.append([r.name, pretty(r.optimizer), str(r.seed), r.status + (" (diverged)" if r.diverged else ""),
+                     fmt(r.final(a.metric), 6), str(s.get("global_step", "—")), fmt(s.get("wall_seconds"), 4),
+                     _rel(r.run_dir, a.out)])
+    lines = ["## Every run", ""] + _table(["run", "optimizer", "seed", "status", f"final {a.metric}", "steps",
+                                            "wall time (s)", "run directory"], rows)
+    failed = [r for r in a.runs if r.status in ("failed", "missing", "interrupted")]
     if failed:
         lines += ["## Failed, interrupted or missing runs", "",
                   "Re-run the same `python -m adashift_pl.compare` command to retry them "
@@ -944,19 +959,38 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
         for r in failed:
             last = (r.error_tail or "").strip().splitlines()
             rows.append([r.name, r.status, fmt(r.exit_code) if r.exit_code is not None else "—",
-                         last[-1][:200] if last else "—", _rel(r.error_file, out)])
+                         last[-1][:200] if last else "—", _rel(r.error_file, a.out)])
         lines += _table(["run", "status", "exit code", "last stderr line", "stderr tail"], rows)
+    return lines
 
+
+def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
+                 targets: Sequence[str] | None = None, select: str | None = None,
+                 out_dir: Path | str | None = None) -> Path:
+    """Write report.md, report.json and the figures; return the path of report.md."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise UserError(f"sweep directory {sweep_dir} does not exist")
+    out = Path(out_dir) if out_dir else sweep_dir / REPORT_SUBDIR
+    a = analyse(sweep_dir, out, baseline=baseline, targets=targets, select=select)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    results, results_json = _results_section(a)
+    paired, paired_json = _paired_section(a)
+    target, target_json = _target_sections(a)
+    figures, figure_names = _figures_section(a)
+    lines = (_header(a) + results + paired + target + figures + _correlation_section(a)
+             + _grid_section(a) + _runs_section(a))
     report_md = out / "report.md"
     report_md.write_text("\n".join(lines))
     report = {
-        "sweep_dir": str(sweep_dir), "task": task, "metric": metric, "mode": mode, "baseline": baseline,
-        "optimizers": table_json, "paired": paired_json, "targets": target_json,
-        "figures": [name for _, name in figures],
+        "sweep_dir": str(sweep_dir), "task": a.task, "metric": a.metric, "mode": a.mode, "baseline": a.baseline,
+        "optimizers": results_json, "paired": paired_json, "targets": target_json, "figures": figure_names,
         "runs": [{"name": r.name, "optimizer": r.optimizer, "params": r.params, "seed": r.seed,
                   "status": r.status, "diverged": r.diverged, "exit_code": r.exit_code,
-                  "final": {k: r.final(k) for k in finals_keys} if r.summary else None,
-                  "run_dir": str(r.run_dir) if r.run_dir else None} for r in runs],
+                  "final": {k: r.final(k) for k in a.finals_keys} if r.summary else None,
+                  "run_dir": str(r.run_dir) if r.run_dir else None} for r in a.runs],
     }
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=True))

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import math
 import re
-import shutil
 from pathlib import Path
 
 import pytest
