@@ -14,7 +14,7 @@ from torch import nn
 
 from adashift_pl.errors import UserError
 from adashift_pl.tasks import wgan_gp
-from adashift_pl.tasks.wgan_gp import WGANGP, gradient_penalty, mode_stats
+from adashift_pl.tasks.wgan_gp import gradient_penalty, mode_stats
 
 ADAM = {"name": "adam", "lr": 1e-3, "betas": [0.5, 0.9]}
 
