@@ -153,3 +153,20 @@ def test_a_few_steps_reduce_the_training_loss(task, tmp_path):
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} | ({"val/acc_top5"} if top5 else set()) == fit_keys
     assert {"test/loss", "test/acc"} | ({"test/acc_top5"} if top5 else set()) == set(trainer.logged_metrics)
     assert 0.0 <= val_acc <= 1.0
+
+
+def test_bf16_mixed_and_channels_last_train(tmp_path):
+    # The GPU settings of a paper-scale run (bf16-mixed, channels_last) exercised on CPU.
+    L.seed_everything(0, verbose=False)
+    module, dm = get_task("cifar10_resnet18").build(
+        {"width": 4, "channels_last": True},
+        {"source": "synthetic", "dir": str(tmp_path), "synthetic_sizes": [8, 4, 4], "batch_size": 4},
+        {"name": "adashift", "keep_num": 1}, 0)
+    losses = _Losses()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[losses], num_sanity_val_steps=0, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, dm)
+    assert len(losses.values) == 3 and all(torch.isfinite(torch.tensor(losses.values)))
