@@ -203,3 +203,10 @@ def test_plain_progress_lines_without_a_terminal(tmp_path, capsys):
     steps = [line for line in out if line.startswith("step ")]
     assert steps and steps[-1].startswith("step 40/40") and "theta/value=" in steps[-1]
     assert out[-3].startswith("completed: counterexample_seq / adam  step 40")
+
+
+def test_divergence_is_flagged(tmp_path, capsys):
+    assert run(tmp_path, "--task", "quadratic", "--optimizer", "sgd", "--optimizer.lr", "100",
+               "--trainer.max_steps", "30", "--data.steps_per_epoch", "10", *FAST) == 0
+    s = json.loads((Path(last_line(capsys)) / "summary.json").read_text())
+    assert s["status"] == "completed" and s["diverged"] is True
