@@ -686,7 +686,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _rel(path: Path | None, base: Path) -> str:
     """A markdown link to `path` relative to the report's directory (moves with the sweep)."""
-    if path is None:
+    if path is None or not Path(path).exists():
         return "—"
     rel = os.path.relpath(Path(path).resolve(), base.resolve())
     return f"[{Path(path).name}]({rel})"
