@@ -509,6 +509,9 @@ class MomentCorrelation(Callback):
             self.skipped.append(type(optimizer).__name__)
             return False
         tracker = _Tracker(self, optimizer, adapter, names or {})
+        if not tracker.entries:
+            rank_zero_info(f"MomentCorrelation: no parameter of {type(optimizer).__name__} matches include="
+                           f"{self.include}; nothing measured for it")
         if self._pending is not None and len(self.trackers) < len(self._pending["trackers"]):
             tracker.load_state_dict(self._pending["trackers"][len(self.trackers)])
         self.trackers.append(tracker)
@@ -634,8 +637,6 @@ class MomentCorrelation(Callback):
             rank_zero_info(f"MomentCorrelation: checkpoint measured protocol {state_dict.get('protocol')!r}, "
                            f"this run {self.protocol!r}; starting afresh")
             return
-        if self.trackers:  # already attached: apply now
-            for tr, sd in zip(self.trackers, state_dict["trackers"]):
-                tr.load_state_dict(sd)
-        else:
-            self._pending = state_dict
+        self._pending = state_dict  # applied when on_fit_start attaches (Lightning restores callbacks first)
+        for tr, sd in zip((tr for tr in self.trackers if tr.handle is not None), state_dict["trackers"]):
+            tr.load_state_dict(sd)  # already measuring (used without a Trainer): apply now
