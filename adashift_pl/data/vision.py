@@ -21,7 +21,7 @@ Synthetic stand-ins have the real shapes and classes, split sizes scaled down
 (`synthetic_sizes`), and are learnable: every class has a smooth random
 prototype image, each sample is its prototype (shifted by up to 1/8 of the
 image) mixed with a smooth random distractor and pixel noise; a linear model
-reaches roughly 85-99 % on them, a conv net more. Deterministic by `seed`.
+reaches roughly 85-100 % on them, a conv net more. Deterministic by `seed`.
 
 Downloads go through `adashift_pl.data.download` (a temporary name, checksum,
 then rename) with the URLs and md5 sums of torchvision's own MNIST / CIFAR10
