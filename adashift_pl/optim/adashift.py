@@ -54,6 +54,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adashift_pl.optim import _fast
+
 __all__ = ["AdaShift", "AdaShiftSpatial", "adashift", "SPATIAL_OPS", "SPATIAL_BLOCKS"]
 
 SPATIAL_OPS = ("max", "mean", "none")
@@ -133,11 +135,15 @@ class AdaShift(Optimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
         spatial_block: str = "tensor",
+        foreach: bool | None = None,
     ):
         _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_max=1.0)
         _check_window(keep_num, window)
+        if foreach not in (None, True, False):
+            raise ValueError(f"Invalid foreach value: {foreach!r} (allowed: None, True, False)")
         defaults = dict(lr=lr, betas=tuple(betas), keep_num=keep_num, window=window, spatial_op=spatial_op,
-                        spatial_block=spatial_block, eps=eps, weight_decay=weight_decay, maximize=maximize)
+                        spatial_block=spatial_block, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        foreach=foreach)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -154,6 +160,7 @@ class AdaShift(Optimizer):
             group.setdefault("spatial_block", "tensor")
             group.setdefault("maximize", False)
             group.setdefault("window", None)
+            group.setdefault("foreach", None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -163,6 +170,11 @@ class AdaShift(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                         keep_num=group["keep_num"], window=group["window"] or group["keep_num"],
+                         spatial_op=group["spatial_op"], spatial_block=group["spatial_block"],
+                         eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+            batches: dict[tuple, tuple[list, list, list]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -171,11 +183,38 @@ class AdaShift(Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     _init_state(state, p, group)
-                adashift(p, p.grad, state, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                         keep_num=group["keep_num"], window=group["window"] or group["keep_num"],
-                         spatial_op=group["spatial_op"], spatial_block=group["spatial_block"],
-                         eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+                path = _fast_path(group.get("foreach"), p, state, hyper) if group.get("foreach") is not False else None
+                if path is None:
+                    adashift(p, p.grad, state, **hyper)
+                else:
+                    batch = batches.setdefault((path, p.device, p.dtype), ([], [], []))
+                    batch[0].append(p)
+                    batch[1].append(p.grad)
+                    batch[2].append(state)
+            for (path, _, _), (params, grads, states) in batches.items():
+                if path == "kernel":
+                    _fast.run_kernel(params, grads, states, **{k: v for k, v in hyper.items() if k != "spatial_block"})
+                else:
+                    _fast.run_foreach(params, grads, states, **hyper)
         return loss
+
+
+def _fast_path(foreach: bool | None, p: Tensor, state: dict, hyper: dict) -> str | None:
+    """Which fast implementation takes this parameter's step now: "kernel", "foreach" or None (the
+    reference per-parameter function). Only the steady state goes fast: t > n, not a resync step,
+    dense row-major tensors of the parameter's dtype and device."""
+    t = state["step"] + 1
+    n, m, op = hyper["keep_num"], hyper["window"], hyper["spatial_op"]
+    g, s, h = p.grad, state["exp_avg_sum"], state["history"]
+    if (t <= n or t % _RESYNC_EVERY == 0 or p.numel() == 0 or h.shape[0] != (n if op == "none" else m)
+            or g.dtype != p.dtype or s.dtype != p.dtype or h.dtype != p.dtype or g.device != p.device
+            or not (p.is_contiguous() and g.is_contiguous() and s.is_contiguous() and h.is_contiguous())):
+        return None
+    if p.device.type == "cpu" and p.dtype in _fast.KERNEL_DTYPES and _fast.kernel_available():
+        return "kernel"  # one fused pass: as fast as fused Adam (benchmarks/optimizer_step.py)
+    if foreach or p.device.type == "cuda":
+        return "foreach"
+    return None  # CPU without a compiler: torch's foreach ops are loops there, no faster than the reference
 
 
 def _check_window(keep_num, window) -> None:

@@ -1,0 +1,387 @@
+"""The fast AdaShift step: one fused pass over every tensor of a param group.
+
+An optimizer step is memory-bound. The steady-state AdaShift step (t > n) needs
+exactly the traffic of Adam's: read p, g, the running window sum S and the oldest
+history slot g_{t-m}; write p, S and that slot (it receives g_t); the block value
+phi(g_t^2) is reduced in the same pass, because the update at step t only needs
+phi(g_{t-n}^2), which was computed n steps ago. Two implementations:
+
+* ``kernel`` (CPU): a ~150-line C kernel (below) built once per machine with the
+  system C compiler (``cc -O3 -march=native -fopenmp``, about 1-3 s, cached in
+  ``~/.cache/adashift_pl``) and called through ctypes -- one call per
+  (param group, dtype). It links the same libgomp that torch already loaded, so
+  it runs on torch's thread count (``torch.set_num_threads``). Work is split in
+  fixed chunks whose partial reductions are combined in a fixed order, so the
+  result does not depend on the number of threads.
+* ``foreach`` (any device, no compiler needed): the same maths with
+  ``torch._foreach_*`` multi-tensor ops, grouped by device and dtype. On CUDA
+  these are real multi-tensor kernels; on CPU they are loops of ordinary ops.
+
+Both handle only the steady state (t > n, not a resync step, dense contiguous
+tensors); everything else -- the first n steps, the exact recompute of S every
+``_RESYNC_EVERY`` steps, odd layouts -- goes through the reference per-parameter
+function :func:`adashift_pl.optim.adashift.adashift`. The state layout is the
+same for every path, so a state_dict saved by one loads into the other.
+
+Set ``ADASHIFT_PL_NO_KERNEL=1`` to never build or use the C kernel (the foreach
+path is used instead); ``ADASHIFT_PL_CACHE`` overrides the cache directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["kernel_available", "kernel_build_seconds", "run_kernel", "run_foreach", "KERNEL_DTYPES"]
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#define CHUNK 32768  /* elements per work unit: partial sums are combined in unit order */
+
+typedef struct { int64_t tensor, start, end, block0, block1; } unit_t;
+
+static inline float bf16_load(uint16_t h) { uint32_t u = ((uint32_t)h) << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t bf16_store(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                            /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* Build the work units: tensors with one block are cut into CHUNK-element ranges (partial
+   reductions combined afterwards); tensors with several blocks (rows) are cut on block
+   boundaries so that every block is reduced by exactly one unit. */
+static int64_t make_units(int64_t nt, const int64_t* numel, const int64_t* nblocks, unit_t* u) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < nt; ++i) {
+        int64_t n = numel[i], b = nblocks[i];
+        if (b <= 1) {
+            for (int64_t s = 0; s < n || (n == 0 && s == 0); s += CHUNK) {
+                u[k].tensor = i; u[k].start = s; u[k].end = s + CHUNK < n ? s + CHUNK : n;
+                u[k].block0 = 0; u[k].block1 = 1; ++k;
+                if (n == 0) break;
+            }
+        } else {
+            int64_t len = n / b, per = len >= CHUNK ? 1 : CHUNK / (len > 0 ? len : 1);
+            for (int64_t j = 0; j < b; j += per) {
+                int64_t j1 = j + per < b ? j + per : b;
+                u[k].tensor = i; u[k].start = j * len; u[k].end = j1 * len;
+                u[k].block0 = j; u[k].block1 = j1; ++k;
+            }
+        }
+    }
+    return k;
+}
+
+static int64_t count_units(int64_t nt, const int64_t* numel, const int64_t* nblocks) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < nt; ++i) {
+        int64_t n = numel[i], b = nblocks[i];
+        if (b <= 1) k += n == 0 ? 1 : (n + CHUNK - 1) / CHUNK;
+        else { int64_t len = n / b, per = len >= CHUNK ? 1 : CHUNK / (len > 0 ? len : 1); k += (b + per - 1) / per; }
+    }
+    return k;
+}
+
+/* T: storage type, A: arithmetic type, LD/ST: load/store. op: 0 max, 1 mean, 2 none (element-wise v). */
+#define DEFINE_STEP(NAME, T, A, LD, ST)                                                              \
+void NAME(int64_t nt, const int64_t* P, const int64_t* G, const int64_t* S, const int64_t* HW,      \
+          const int64_t* HM, const int64_t* V, const int64_t* PHI, const int64_t* numel,            \
+          const int64_t* nblocks, const double* bc2, int op, int maximize, double b1, double c,      \
+          double b2, double lr_ws, double eps, double decay, double* work) {                        \
+    /* work: [block offsets of scale (one double per block)] then [per-unit partials] */            \
+    int64_t nunits = count_units(nt, numel, nblocks);                                               \
+    unit_t* units = (unit_t*)malloc(sizeof(unit_t) * (size_t)(nunits > 0 ? nunits : 1));             \
+    int64_t* boff = (int64_t*)malloc(sizeof(int64_t) * (size_t)(nt + 1));                          \
+    make_units(nt, numel, nblocks, units);                                                          \
+    boff[0] = 0;                                                                                    \
+    for (int64_t i = 0; i < nt; ++i) boff[i + 1] = boff[i] + (op == 2 ? 0 : nblocks[i]);            \
+    double* scale = work; double* partial = work + boff[nt]; int* pnan = (int*)malloc(sizeof(int) * (size_t)(nunits > 0 ? nunits : 1)); \
+    /* phase 0: v_t = b2 v + (1 - b2) phi(g_{t-n}^2) per block, read before the slot is rewritten */ \
+    if (op != 2) {                                                                                  \
+        for (int64_t i = 0; i < nt; ++i) {                                                          \
+            T* v = (T*)V[i]; const T* phi = (const T*)PHI[i];                                       \
+            for (int64_t j = 0; j < nblocks[i]; ++j) {                                              \
+                A vv = (A)LD(v[j]) * (A)b2; vv = (A)LD(ST(vv)) + (A)(1.0 - b2) * (A)LD(phi[j]);     \
+                v[j] = ST(vv);                                                                      \
+                double den = sqrt((double)LD(v[j]) / bc2[i]) + eps;                                 \
+                scale[boff[i] + j] = lr_ws / den;                                                   \
+            }                                                                                       \
+        }                                                                                           \
+    }                                                                                               \
+    const A ab1 = (A)b1, ac = (A)c, ab2 = (A)b2, aomb2 = (A)(1.0 - b2), adecay = (A)decay;          \
+    int64_t total = 0; for (int64_t i = 0; i < nt; ++i) total += numel[i];                         \
+    /* small steps stay on the calling thread: waking the pool costs more than the work */         \
+    _Pragma("omp parallel for schedule(dynamic, 1) if(total >= 4 * CHUNK)")                       \
+    for (int64_t k = 0; k < nunits; ++k) {                                                          \
+        const unit_t u = units[k]; const int64_t i = u.tensor;                                      \
+        T* p = (T*)P[i]; const T* g = (const T*)G[i]; T* s = (T*)S[i]; T* hw = (T*)HW[i];           \
+        const T* hm = (const T*)HM[i];                                                              \
+        const int64_t len = nblocks[i] > 1 ? numel[i] / nblocks[i] : u.end - u.start;              \
+        int nan = 0;                                                                                \
+        for (int64_t j = u.block0; j < u.block1; ++j) {                                             \
+            const int64_t e0 = nblocks[i] > 1 ? j * len : u.start, e1 = e0 + len;                   \
+            double red = 0.0; A mx = (A)0;                                                          \
+            if (op == 2) {                                                                          \
+                T* v = (T*)V[i]; const A lrw = (A)lr_ws, aeps = (A)eps, abc = (A)bc2[i];            \
+                for (int64_t e = e0; e < e1; ++e) {                                                 \
+                    A gg = LD(g[e]); if (maximize) gg = -gg;                                        \
+                    A old = LD(hw[e]);                                                              \
+                    A sn = (A)LD(ST((A)LD(s[e]) * ab1 + gg)) - ac * (A)LD(hm[e]);                   \
+                    A vn = (A)LD(ST((A)LD(v[e]) * ab2)) + aomb2 * (A)LD(ST(old * old));             \
+                    T vs = ST(vn), ss = ST(sn);                                                     \
+                    A den = (A)sqrt(LD(vs) / abc) + aeps;                                           \
+                    s[e] = ss; v[e] = vs; hw[e] = ST(gg);                                           \
+                    p[e] = ST((A)LD(p[e]) * adecay - lrw * (A)LD(ss) / den);                        \
+                }                                                                                   \
+            } else {                                                                                \
+                const A sc = (A)scale[boff[i] + j];                                                 \
+                for (int64_t e = e0; e < e1; ++e) {                                                 \
+                    A gg = LD(g[e]); if (maximize) gg = -gg;                                        \
+                    A sn = (A)LD(ST((A)LD(s[e]) * ab1 + gg)) - ac * (A)LD(hm[e]);                   \
+                    T ss = ST(sn);                                                                  \
+                    s[e] = ss; hw[e] = ST(gg);                                                      \
+                    p[e] = ST((A)LD(p[e]) * adecay - (A)LD(ss) * sc);                               \
+                    A q = (A)LD(ST(gg * gg));                                                       \
+                    nan |= (q != q);                                                                \
+                    if (op == 0) mx = q > mx ? q : mx; else red += (double)q;                       \
+                }                                                                                   \
+                if (nblocks[i] > 1) {                                                               \
+                    T* phi = (T*)PHI[i];                                                            \
+                    phi[j] = nan ? ST((A)NAN) : (op == 0 ? ST(mx) : ST((A)(red / (double)len)));    \
+                    nan = 0;                                                                        \
+                } else {                                                                            \
+                    partial[k] = op == 0 ? (double)mx : red;                                        \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        pnan[k] = nan;                                                                              \
+    }                                                                                               \
+    /* combine the partial reductions of one-block tensors in unit order (thread-count independent) */ \
+    if (op != 2) {                                                                                  \
+        int64_t k = 0;                                                                              \
+        while (k < nunits) {                                                                        \
+            const int64_t i = units[k].tensor;                                                      \
+            if (nblocks[i] > 1) { ++k; continue; }                                                  \
+            double acc = 0.0; int nan = 0;                                                          \
+            for (; k < nunits && units[k].tensor == i; ++k) {                                       \
+                nan |= pnan[k];                                                                     \
+                if (op == 0) acc = partial[k] > acc ? partial[k] : acc; else acc += partial[k];     \
+            }                                                                                       \
+            T* phi = (T*)PHI[i];                                                                    \
+            A r = op == 0 ? (A)acc : (A)(acc / (double)(numel[i] > 0 ? numel[i] : 1));              \
+            phi[0] = nan ? ST((A)NAN) : ST(r);                                                      \
+        }                                                                                           \
+    }                                                                                               \
+    free(units); free(boff); free(pnan);                                                            \
+}
+
+#define ID(x) (x)
+DEFINE_STEP(adashift_step_f32, float, float, ID, (float))
+DEFINE_STEP(adashift_step_f64, double, double, ID, (double))
+DEFINE_STEP(adashift_step_bf16, uint16_t, float, bf16_load, bf16_store)
+
+int64_t adashift_work_size(int64_t nt, const int64_t* numel, const int64_t* nblocks) {
+    int64_t b = 0;
+    for (int64_t i = 0; i < nt; ++i) b += nblocks[i];
+    return b + count_units(nt, numel, nblocks);
+}
+"""
+
+KERNEL_DTYPES = {torch.float32: "adashift_step_f32", torch.float64: "adashift_step_f64",
+                 torch.bfloat16: "adashift_step_bf16"}
+_OPS = {"max": 0, "mean": 1, "none": 2}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_tried = False
+_build_seconds: float | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ADASHIFT_PL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "adashift_pl")
+    return Path(root)
+
+
+def _cpu_key() -> str:
+    # -march=native code must not be reused on a different CPU (shared home directories on clusters).
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _build() -> ctypes.CDLL | None:
+    global _build_seconds
+    if sys.platform != "linux" or os.environ.get("ADASHIFT_PL_NO_KERNEL") == "1":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    digest = hashlib.sha256((_C_SOURCE + cc + _cpu_key()).encode()).hexdigest()[:20]
+    path = _cache_dir() / f"adashift_kernel_{digest}.so"
+    t0 = time.perf_counter()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            src = Path(tmp) / "adashift_kernel.c"
+            src.write_text(_C_SOURCE)
+            out = Path(tmp) / path.name
+            err = ""
+            for arch in (["-march=native"], []):  # some compilers do not know -march=native
+                cmd = [cc, "-O3", *arch, "-fopenmp", "-fPIC", "-shared", "-std=gnu11", str(src), "-o", str(out), "-lm"]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode == 0:
+                    break
+                err = proc.stderr[-2000:]
+            else:
+                warnings.warn(f"AdaShift: building the fused CPU kernel with {cc} failed, using the foreach path "
+                              f"(slower). Compiler output:\n{err}", RuntimeWarning, stacklevel=3)
+                return None
+            os.replace(out, path)  # atomic: concurrent processes (DDP ranks) may build at once
+    lib = ctypes.CDLL(str(path))
+    vp, i64, dbl, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    for name in KERNEL_DTYPES.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [i64, *[vp] * 10, cint, cint, *[dbl] * 6, vp]
+        fn.restype = None
+    lib.adashift_work_size.argtypes = [i64, vp, vp]
+    lib.adashift_work_size.restype = i64
+    _build_seconds = time.perf_counter() - t0
+    return lib
+
+
+def _get_lib() -> ctypes.CDLL | None:
+    global _lib, _lib_tried
+    if not _lib_tried:
+        with _lock:
+            if not _lib_tried:
+                try:
+                    _lib = _build()
+                except Exception as exc:  # no compiler, read-only cache, ...: fall back, loudly once
+                    warnings.warn(f"AdaShift: the fused CPU kernel is unavailable ({exc!r}); using the foreach path.",
+                                  RuntimeWarning, stacklevel=3)
+                    _lib = None
+                _lib_tried = True
+    return _lib
+
+
+def kernel_available() -> bool:
+    """Whether the fused CPU kernel is (or can be) built on this machine."""
+    return _get_lib() is not None
+
+
+def kernel_build_seconds() -> float | None:
+    """Seconds the first use spent building or loading the kernel (None before the first use)."""
+    _get_lib()
+    return _build_seconds
+
+
+def _ptrs(tensors) -> np.ndarray:
+    return np.fromiter((t.data_ptr() for t in tensors), dtype=np.int64, count=len(tensors))
+
+
+def run_kernel(params: list[Tensor], grads: list[Tensor], states: list[dict], *, beta1: float, beta2: float,
+               keep_num: int, window: int, spatial_op: str, lr: float, eps: float, weight_decay: float,
+               maximize: bool) -> None:
+    """One steady-state step (every state has step >= keep_num, the step about to run is no resync)
+    for CPU tensors of one dtype, in one C call. Increments step and updates."""
+    lib = _get_lib()
+    n, m = keep_num, window
+    nt = len(params)
+    slots = n if spatial_op == "none" else m
+    hw, hm, v, phi = [], [], [], []
+    bc2 = np.empty(nt, dtype=np.float64)
+    nblocks = np.empty(nt, dtype=np.int64)
+    numel = np.empty(nt, dtype=np.int64)
+    for i, st in enumerate(states):
+        t = st["step"] + 1
+        k = st["updates"] + 1
+        st["step"], st["updates"] = t, k
+        h = st["history"]
+        hw.append(h[(t - 1) % slots])
+        hm.append(h[(t - 1 - m) % slots])
+        v.append(st["exp_avg_sq"])
+        if spatial_op != "none":
+            phi.append(st["phi_history"][(t - 1) % n])
+        bc2[i] = 1 - beta2 ** k
+        numel[i] = params[i].numel()
+        nblocks[i] = v[-1].numel()
+    sums = [st["exp_avg_sum"] for st in states]
+    P, G, S, HW, HM, V = (_ptrs(x) for x in (params, grads, sums, hw, hm, v))
+    PHI = _ptrs(phi) if phi else np.zeros(nt, dtype=np.int64)
+    work = np.empty(int(lib.adashift_work_size(nt, numel.ctypes.data, nblocks.ctypes.data)), dtype=np.float64)
+    weight_sum = float(m) if beta1 == 1.0 else (1 - beta1 ** m) / (1 - beta1)
+    fn = getattr(lib, KERNEL_DTYPES[params[0].dtype])
+    fn(nt, P.ctypes.data, G.ctypes.data, S.ctypes.data, HW.ctypes.data, HM.ctypes.data, V.ctypes.data,
+       PHI.ctypes.data, numel.ctypes.data, nblocks.ctypes.data, bc2.ctypes.data, _OPS[spatial_op], int(maximize),
+       float(beta1), float(beta1 ** m), float(beta2), float(lr) / weight_sum, float(eps),
+       1.0 - float(lr) * float(weight_decay), work.ctypes.data)
+
+
+def run_foreach(params: list[Tensor], grads: list[Tensor], states: list[dict], *, beta1: float, beta2: float,
+                keep_num: int, window: int, spatial_op: str, spatial_block: str, lr: float, eps: float,
+                weight_decay: float, maximize: bool) -> None:
+    """The same steady-state step with torch._foreach_* ops (tensors of one device and dtype)."""
+    from adashift_pl.optim.adashift import block_reduce
+
+    n, m = keep_num, window
+    slots = n if spatial_op == "none" else m
+    hw, hm, phi_slot, bc2 = [], [], [], []
+    for st in states:
+        t = st["step"] + 1
+        k = st["updates"] + 1
+        st["step"], st["updates"] = t, k
+        h = st["history"]
+        hw.append(h[(t - 1) % slots])
+        hm.append(h[(t - 1 - m) % slots])
+        if spatial_op != "none":
+            phi_slot.append(st["phi_history"][(t - 1) % n])
+        bc2.append(1 - beta2 ** k)
+    sums = [st["exp_avg_sum"] for st in states]
+    vs = [st["exp_avg_sq"] for st in states]
+    g = torch._foreach_neg(grads) if maximize else grads
+    phi_old = torch._foreach_mul(hw, hw) if spatial_op == "none" else [x.clone() for x in phi_slot]
+    torch._foreach_mul_(sums, beta1)
+    torch._foreach_add_(sums, g)
+    torch._foreach_add_(sums, hm, alpha=-(beta1 ** m))
+    torch._foreach_copy_(hw, g)
+    if spatial_op != "none":
+        for slot, gi in zip(phi_slot, g):
+            slot.copy_(block_reduce(gi * gi, spatial_op, spatial_block))
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_add_(vs, phi_old, alpha=1 - beta2)
+    weight_sum = float(m) if beta1 == 1.0 else (1 - beta1 ** m) / (1 - beta1)
+    denom = torch._foreach_div(vs, bc2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_mul_(denom, weight_sum)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    if spatial_op == "none":
+        torch._foreach_addcdiv_(params, sums, denom, value=-lr)
+    else:  # denom is one value per block: broadcast it per tensor
+        for p, s, d in zip(params, sums, denom):
+            p.addcdiv_(s, d, value=-lr)
