@@ -183,19 +183,22 @@ def test_paper_protocol_recomputes_v_with_fixed_beta2():
 
 def test_paper_protocol_freezes_parameters():
     target = torch.randn(8, 8)
-    p = nn.Parameter(torch.zeros(8, 8))
-    opt = build_optimizer("adam", [p], lr=0.05)
-    cb = MomentCorrelation(protocol="paper", freeze_after_step=20, every_n_steps=1, lags=(1,))
-    cb.attach(opt, {p: "w"})
+    p, other = nn.Parameter(torch.zeros(8, 8)), nn.Parameter(torch.zeros(8))
+    opt = build_optimizer("adam", [p, other], lr=0.05)
+    cb = MomentCorrelation(protocol="paper", freeze_after_step=20, every_n_steps=1, lags=(1,), include=["w"])
+    cb.attach(opt, {p: "w", other: "other"})
+    assert cb.trackers[0].names == ["w"]
     gen = torch.Generator().manual_seed(0)
     for t in range(40):
         opt.zero_grad()
-        (0.5 * ((p - target) ** 2).sum() + (p * torch.randn(8, 8, generator=gen)).sum()).backward()
+        noise = torch.randn(8, 8, generator=gen)
+        (0.5 * ((p - target) ** 2).sum() + (p * noise).sum() + ((other - 1) ** 2).sum()).backward()
         opt.step()
         if t + 1 == 20:
-            fixed = p.detach().clone()
+            fixed, fixed_other = p.detach().clone(), other.detach().clone()
     assert not torch.equal(fixed, torch.zeros(8, 8))
-    assert torch.equal(p.detach(), fixed)  # the optimizer's updates after step 20 were undone
+    assert torch.equal(p.detach(), fixed)  # the optimizer's updates after step 20 were undone ...
+    assert torch.equal(other.detach(), fixed_other)  # ... for the untracked parameters too
     assert cb.compute()["samples"] == 19  # steps 22..40: lag 1 needs step 21's gradient
 
 
@@ -315,3 +318,22 @@ def test_trainer_integration(tmp_path):
     trainer2.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=16), ckpt_path=ckpt)
     s2 = cb2.summary()
     assert s2["optimizer_steps"] == 64 and s2["samples"] == samples + 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_with_a_gradscaler():
+    p = nn.Parameter(torch.zeros(SHAPE, device="cuda"))
+    opt = torch.optim.Adam([p], lr=1e-3, betas=(0.0, 0.9))
+    cb = MomentCorrelation(start_step=50)
+    cb.attach(opt, {p: "w"})
+    scaler = torch.amp.GradScaler("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for t in range(2000):
+        opt.zero_grad()
+        scaler.scale((p * torch.randn(SHAPE, device="cuda", generator=gen)).sum()).backward()
+        if t == 100:
+            p.grad[0, 0] = float("inf")  # skipped by the scaler: never seen
+        scaler.step(opt)
+        scaler.update()
+    assert cb.trackers[0].step == 1999
+    assert cb.compute()["overall"]["g2_v"] == pytest.approx(math.sqrt(1 - 0.81), abs=0.03)

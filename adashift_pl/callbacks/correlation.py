@@ -260,6 +260,9 @@ class _Tracker:
         self._vidx: dict[tuple[int, tuple], Tensor] = {}
         self.handle = optimizer.register_step_post_hook(self._hook) if self.entries else None
 
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     # -- sampling ----------------------------------------------------------------------------------
     def _gather(self, which: str) -> Tensor | None:
         """The sampled coordinates of g ('g'), v ('v') or the optimizer's EMA ('ema'), float32."""
@@ -307,10 +310,12 @@ class _Tracker:
         t = self.step
         if cb.freeze_after_step is not None and t > cb.freeze_after_step and self.frozen is not None:
             with torch.no_grad():
-                for (_, p, _, _), saved in zip(self.entries, self.frozen):
+                for p, saved in zip(self._all_params(), self.frozen):
                     p.copy_(saved)  # the paper's protocol: gradients sampled at one fixed point
         if cb.freeze_after_step is not None and t == cb.freeze_after_step:
-            self.frozen = [p.detach().clone() for _, p, _, _ in self.entries]
+            # every parameter of the optimizer, tracked or not: if the other layers moved, the tracked
+            # tensor's gradients would not be samples at one point
+            self.frozen = [p.detach().clone() for p in self._all_params()]
             self.moments.reset()  # the measurement window starts now ...
             self.ring.clear()  # ... and lagged pairs use only gradients taken at the fixed point (t > freeze)
         paper = cb.protocol == "paper"
@@ -435,7 +440,7 @@ class _Tracker:
         self.scaled_v = bool(sd.get("scaled_v", False))
         if self.cb.freeze_after_step is not None and self.step >= self.cb.freeze_after_step:
             # frozen parameters do not move, so the restored ones are the fixed point
-            self.frozen = [p.detach().clone() for _, p, _, _ in self.entries]
+            self.frozen = [p.detach().clone() for p in self._all_params()]
 
 
 # --------------------------------------------------------------------------------------------------
