@@ -36,7 +36,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -415,9 +415,16 @@ class CIFAR10DataModule(_ImageDataModule):
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     synthetic_default = (5000, 1000, 1000)
 
-    def __init__(self, *args: Any, verify_checksums: bool = True, **kwargs: Any):
+    # The full signature is spelled out (no **kwargs) so that a mistyped key is reported with the valid ones.
+    def __init__(self, dir: str = "data", source: str = "auto", download: bool = False, batch_size: int = 128,
+                 num_workers: int = 0, seed: int = 0, val_size: int = 5000, augment: bool = True,
+                 eval_batch_size: int | None = None, pin_memory: bool | None = None,
+                 persistent_workers: bool = True, synthetic_sizes: Sequence[int] | None = None, verify_checksums: bool = True):
         self.verify_checksums = verify_checksums
-        super().__init__(*args, **kwargs)
+        super().__init__(dir=dir, source=source, download=download, batch_size=batch_size, num_workers=num_workers,
+                         seed=seed, val_size=val_size, augment=augment, eval_batch_size=eval_batch_size,
+                         pin_memory=pin_memory, persistent_workers=persistent_workers,
+                         synthetic_sizes=synthetic_sizes)
 
     @property
     def expected_path(self) -> Path:
@@ -485,10 +492,16 @@ class TinyImageNetDataModule(_ImageDataModule):
     mean, std = (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)
     synthetic_default = (4000, 1000, 1000)
 
-    def __init__(self, *args: Any, url: str = TINY_IMAGENET_URL, md5: str | None = TINY_IMAGENET_MD5,
-                 crop_padding: int = 8, **kwargs: Any):
+    def __init__(self, dir: str = "data", source: str = "auto", download: bool = False, batch_size: int = 128,
+                 num_workers: int = 0, seed: int = 0, val_size: int = 5000, augment: bool = True,
+                 eval_batch_size: int | None = None, pin_memory: bool | None = None,
+                 persistent_workers: bool = True, synthetic_sizes: Sequence[int] | None = None, url: str = TINY_IMAGENET_URL,
+                 md5: str | None = TINY_IMAGENET_MD5, crop_padding: int = 8):
         self.url, self.md5, self.crop_padding = url, md5, crop_padding
-        super().__init__(*args, **kwargs)
+        super().__init__(dir=dir, source=source, download=download, batch_size=batch_size, num_workers=num_workers,
+                         seed=seed, val_size=val_size, augment=augment, eval_batch_size=eval_batch_size,
+                         pin_memory=pin_memory, persistent_workers=persistent_workers,
+                         synthetic_sizes=synthetic_sizes)
 
     @property
     def expected_path(self) -> Path:
