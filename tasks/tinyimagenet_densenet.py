@@ -22,10 +22,10 @@ MONITOR = ("val/acc", "max")
 class TinyImageNetDenseNet(ImageClassifier):
     def __init__(self, optimizer: dict[str, Any] | None = None, depth: int = 100, growth_rate: int = 12,
                  compression: float = 0.5, stem_stride: int = 1, num_classes: int = 200,
-                 channels_last: bool = False):
+                 channels_last: bool = False, memory_efficient: bool = False):
         super().__init__(num_classes, top5=True)
         self.save_hyperparameters()
-        self.net = DenseNetBC(num_classes, depth, growth_rate, compression, stem_stride)
+        self.net = DenseNetBC(num_classes, depth, growth_rate, compression, stem_stride, memory_efficient)
         self._finish_init(channels_last)
 
 

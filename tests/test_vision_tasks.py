@@ -57,6 +57,18 @@ def test_resnet_has_cifar_stem_and_densenet_handles_64px():
         assert DenseNetBC(200, depth=10, growth_rate=4)(torch.zeros(2, 3, 64, 64)).shape == (2, 200)
 
 
+def test_memory_efficient_densenet_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain, efficient = DenseNetBC(10, depth=10, growth_rate=4), DenseNetBC(10, depth=10, growth_rate=4,
+                                                                          memory_efficient=True)
+    efficient.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    plain(x).square().sum().backward()
+    efficient(x).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), efficient.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
 def test_channels_last_gives_the_same_logits():
     module, _ = get_task("cifar10_resnet18").build({"width": 4}, {"source": "synthetic"}, {"name": "adam"}, 0)
     nhwc, _ = get_task("cifar10_resnet18").build({"width": 4, "channels_last": True}, {"source": "synthetic"},
