@@ -337,3 +337,12 @@ def test_on_cuda_with_a_gradscaler():
         scaler.update()
     assert cb.trackers[0].step == 1999
     assert cb.compute()["overall"]["g2_v"] == pytest.approx(math.sqrt(1 - 0.81), abs=0.03)
+
+
+def test_max_tensors_spans_the_model():
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(10)])  # 20 tensors
+    opt = torch.optim.Adam(model.parameters())
+    cb = MomentCorrelation(max_tensors=4)
+    cb.attach(opt, {p: n for n, p in model.named_parameters()})
+    assert cb.trackers[0].names == ["0.weight", "3.weight", "6.bias", "9.bias"]  # first, last, evenly between
+    assert cb.summary()["protocol"]["max_tensors"] == 4

@@ -223,8 +223,16 @@ class _Tracker:
                 name = names.get(p, f"group{gi}.param{pi}")
                 if cb.include and not any(fnmatch.fnmatch(name, pat) for pat in cb.include):
                     continue
-                idx = _sample_indices(p.numel(), cb.num_coords, cb.seed, name).to(p.device)
-                self.entries.append((name, p, group, idx))
+                self.entries.append((name, p, group, None))
+        if cb.max_tensors is not None and len(self.entries) > cb.max_tensors:
+            # evenly spaced in parameter order, so that the sample spans the depth of the model
+            n, m = len(self.entries), cb.max_tensors
+            keep = sorted({round(i * (n - 1) / max(m - 1, 1)) for i in range(m)})
+            rank_zero_info(f"MomentCorrelation: tracking {len(keep)} of {n} parameter tensors "
+                           f"(max_tensors={m}; choose others with include=[...])")
+            self.entries = [self.entries[i] for i in keep]
+        self.entries = [(name, p, group, _sample_indices(p.numel(), cb.num_coords, cb.seed, name).to(p.device))
+                        for name, p, group, _ in self.entries]
         self.names = [e[0] for e in self.entries]
         device = self.entries[0][1].device if self.entries else torch.device("cpu")
         counts = [int(e[3].numel()) for e in self.entries]
@@ -464,13 +472,15 @@ class MomentCorrelation(Callback):
             held fixed (the optimizer's update is undone after every step) and measuring starts.
         start_step: first optimizer step whose sample enters the co-moments.
         include: fnmatch patterns of parameter names to track (None: every parameter).
+        max_tensors: track at most this many tensors (evenly spaced in parameter order; None: no limit).
+            The cost per sample grows with the number of tensors, not with their size.
         filename: the CSV written into the run directory (None: no file).
     """
 
     def __init__(self, every_n_steps: int = 10, log_every_n_steps: int = 50, num_coords: int = 256,
                  window: int | None = 2000, lags: Iterable[int] = (1, 2, 5, 10), seed: int = 0,
                  protocol: str = "live", protocol_beta2: float = 0.9, freeze_after_step: int | None = None,
-                 start_step: int = 0, include: Iterable[str] | None = None,
+                 start_step: int = 0, include: Iterable[str] | None = None, max_tensors: int | None = 16,
                  filename: str | None = "correlation.csv") -> None:
         for key, val in (("every_n_steps", every_n_steps), ("log_every_n_steps", log_every_n_steps),
                          ("num_coords", num_coords)):
@@ -493,6 +503,9 @@ class MomentCorrelation(Callback):
         self.protocol, self.protocol_beta2 = protocol, float(protocol_beta2)
         self.freeze_after_step, self.start_step = freeze_after_step, int(start_step)
         self.include = list(include) if include else None
+        if max_tensors is not None and (not isinstance(max_tensors, int) or max_tensors < 1):
+            raise ValueError(f"Invalid max_tensors value: {max_tensors!r} (allowed: an integer >= 1, or null)")
+        self.max_tensors = max_tensors
         self.filename = filename
         self.trackers: list[_Tracker] = []
         self.skipped: list[str] = []
@@ -555,6 +568,7 @@ class MomentCorrelation(Callback):
 
     def protocol_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"name": self.protocol, "window": self.window, "num_coords": self.num_coords,
+                                "max_tensors": self.max_tensors, "include": self.include,
                                 "every_n_steps": self.every_n_steps, "lags": list(self.lags), "seed": self.seed}
         if self.protocol == "paper":
             info.update(beta2=self.protocol_beta2, freeze_after_step=self.freeze_after_step)
