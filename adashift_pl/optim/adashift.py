@@ -204,17 +204,23 @@ def _fast_path(foreach: bool | None, p: Tensor, state: dict, hyper: dict) -> str
     reference per-parameter function). Only the steady state goes fast: t > n, not a resync step,
     dense row-major tensors of the parameter's dtype and device."""
     t = state["step"] + 1
-    n, m, op = hyper["keep_num"], hyper["window"], hyper["spatial_op"]
-    g, s, h = p.grad, state["exp_avg_sum"], state["history"]
-    if (t <= n or t % _RESYNC_EVERY == 0 or p.numel() == 0 or h.shape[0] != (n if op == "none" else m)
-            or g.dtype != p.dtype or s.dtype != p.dtype or h.dtype != p.dtype or g.device != p.device
-            or not (p.is_contiguous() and g.is_contiguous() and s.is_contiguous() and h.is_contiguous())):
+    n = hyper["keep_num"]
+    if t <= n or t % _RESYNC_EVERY == 0:
         return None
-    if p.device.type == "cpu" and p.dtype in _fast.KERNEL_DTYPES and _fast.kernel_available():
-        return "kernel"  # one fused pass: as fast as fused Adam (benchmarks/optimizer_step.py)
-    if foreach or p.device.type == "cuda":
-        return "foreach"
-    return None  # CPU without a compiler: torch's foreach ops are loops there, no faster than the reference
+    g, s, h = p.grad, state["exp_avg_sum"], state["history"]
+    dtype = p.dtype
+    if (g.dtype != dtype or s.dtype != dtype or h.dtype != dtype or g.device != p.device
+            or h.shape[0] != (n if hyper["spatial_op"] == "none" else hyper["window"])
+            or not (p.is_contiguous() and g.is_contiguous() and s.is_contiguous() and h.is_contiguous())
+            or p.numel() == 0):
+        return None
+    if p.device.type == "cpu":
+        # one fused pass: as fast as fused Adam (benchmarks/optimizer_step.py); without a C compiler,
+        # torch's foreach ops are loops of ordinary ops on CPU, no faster than the reference path
+        if dtype in _fast.KERNEL_DTYPES and _fast.kernel_available():
+            return "kernel"
+        return "foreach" if foreach else None
+    return "foreach" if foreach or p.device.type == "cuda" else None
 
 
 def _check_window(keep_num, window) -> None:
