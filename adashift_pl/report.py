@@ -627,10 +627,21 @@ def _corr_title(tag: str) -> str:
     parts = tag.split("/")
     if len(parts) >= 3:
         m = parts[1]
-        name = CORR_NAMES.get(m) or (f"corr(g_t, g_t-{m.removeprefix('temporal_lag')})"
-                                    if m.startswith("temporal_lag") else m)
+        name = CORR_NAMES.get(m) or m
+        if m.startswith("temporal_lag"):
+            name = f"corr(g_t, g_t-{m.removeprefix('temporal_lag')})"
+        elif m.startswith("spatial_lag"):
+            name = f"corr(g_t[i], g_t-{m.removeprefix('spatial_lag')}[j])"
         return f"{name} — {'/'.join(parts[2:])}"
     return tag
+
+
+def _corr_order(tag: str) -> tuple:
+    """g2_v, absg_step, then temporal and spatial by lag number (lag2 before lag10)."""
+    m = tag.split("/")[1] if tag.count("/") >= 2 else tag
+    kind = next((i for i, k in enumerate(("g2_v", "absg_step", "temporal", "spatial")) if m.startswith(k)), 4)
+    lag = re.search(r"(\d+)$", m)
+    return (kind, int(lag.group(1)) if lag else 0, tag)
 
 
 def plot_correlation(path: Path, tags: list[str], groups: list[tuple[str, list[Run]]], title: str) -> bool:
@@ -641,10 +652,21 @@ def plot_correlation(path: Path, tags: list[str], groups: list[tuple[str, list[R
     fig = _new_figure(max(6.4, 4.2 * ncols), 3.4 * nrows + 0.4)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax, tag in zip(axes, tags):
+        shown = []
         for label, runs in groups:
             series = [r.scalars()[tag] for r in runs if tag in r.scalars()]
             if series:
                 _plot_band(ax, series, label)
+                shown += series
+        # y range from the settled part: the first few percent of steps are a noisy few-sample transient
+        steps = np.concatenate([s.steps for s in shown]) if shown else np.array([])
+        if steps.size:
+            start = steps.min() + 0.05 * (steps.max() - steps.min())
+            settled = np.concatenate([s.values[(s.steps >= start) & np.isfinite(s.values)] for s in shown])
+            if settled.size:
+                lo, hi = float(settled.min()), float(settled.max())
+                pad = 0.2 * max(hi - lo, 1e-3)
+                ax.set_ylim(max(-1.05, min(lo - pad, -pad)), min(1.05, max(hi + pad, pad)))
         ax.axhline(0.0, color="gray", lw=0.8, ls=":")
         ax.set_title(_corr_title(tag), fontsize=9)
         ax.set_xlabel("iteration")
@@ -894,14 +916,14 @@ def _figures_section(a: Analysis) -> tuple[list[str], list[str]]:
             name = f"sensitivity_{_slug(short)}.png"
             if plot_sensitivity(out / name, key, a.points, a.metric, a.mode, f"{a.title}: sensitivity to {short}"):
                 figures.append((f"final {a.metric} against {key}", name))
-    corr_tags = sorted({t for r in a.results for t in r.scalars() if t.startswith("corr/")})
+    corr_tags = sorted({t for r in a.results for t in r.scalars() if t.startswith("corr/")}, key=_corr_order)
     omitted = []
     overall = [t for t in corr_tags if t.endswith("/overall")]  # MomentCorrelation: corr/<m>/overall|<param>
     if overall:
         corr_tags, omitted = overall, [t for t in corr_tags if t not in overall]
     if len(corr_tags) > MAX_FACETS:
         corr_tags.sort(key=lambda t: (t.count("/"), t.count("."), t))
-        corr_tags, omitted = sorted(corr_tags[:MAX_FACETS]), sorted(omitted + corr_tags[MAX_FACETS:])
+        corr_tags, omitted = sorted(corr_tags[:MAX_FACETS], key=_corr_order), omitted + corr_tags[MAX_FACETS:]
     if plot_correlation(out / "correlation.png", corr_tags, groups, f"{a.title}: correlations (MomentCorrelation)"):
         figures.append(("correlation scalars (corr/*)", "correlation.png"))
     lines = []
