@@ -122,6 +122,7 @@ class RunCallback(Callback):
         self.interrupted: str | None = None  # "SIGINT" / "SIGTERM" once a signal arrived
         self.best: dict | None = None
         self.diverged = False
+        self.fit_metrics: dict = {}  # callback_metrics at the end of fit (trainer.test replaces them)
         self.prior_seconds = 0.0  # wall seconds of earlier sessions of this run (restored on resume)
         self._t0 = time.time()
         self._last_print_step = -1
@@ -250,7 +251,7 @@ class RunCallback(Callback):
     def make_summary(self, *, trainer, task, optimizer, run_name, seed, data_source, status, session_seconds,
                      best_ckpt, correlation, provenance, module) -> dict:
         final = {}
-        for k, v in trainer.callback_metrics.items():
+        for k, v in {**self.fit_metrics, **trainer.callback_metrics}.items():
             s = _scalar(v)
             if s is not None:
                 final[k] = s

@@ -95,6 +95,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", help="run directory name (default: version_N)")
     p.add_argument("--correlation", type=_bool, default=True, metavar="true|false",
                    help="attach the MomentCorrelation callback (default: true)")
+    p.add_argument("--test", type=_bool, default=True, metavar="true|false",
+                   help="after a completed fit, evaluate the final weights on the task's test split (default: true)")
     p.add_argument("--list", action="store_true", help="list tasks, optimizers and their defaults, then exit")
     return p
 
@@ -517,6 +519,10 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
         status, code = ("interrupted", 130) if run_cb.interrupted else ("completed", 0)
+        if status == "completed" and args.test and _has_test_split(module, datamodule):
+            # The paper's test curves end here: the final weights on the test split (test/* metrics).
+            run_cb.fit_metrics = dict(trainer.callback_metrics)  # trainer.test replaces them
+            trainer.test(module, datamodule=datamodule, verbose=False)
     except KeyboardInterrupt:
         status, code = "interrupted", 130
     except SystemExit as e:  # Lightning's SIGTERMException, or its sys.exit(1) after a KeyboardInterrupt
@@ -535,6 +541,12 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
                 _print_summary(summary)
                 print(str(run_dir), flush=True)
     return code if trainer.global_rank == 0 else (0 if code == 0 else code)
+
+
+def _has_test_split(module, datamodule) -> bool:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return is_overridden("test_step", module) and is_overridden("test_dataloader", datamodule)
 
 
 def make_correlation_callback(knobs: dict | None):

@@ -210,3 +210,15 @@ def test_divergence_is_flagged(tmp_path, capsys):
                "--trainer.max_steps", "30", "--data.steps_per_epoch", "10", *FAST) == 0
     s = json.loads((Path(last_line(capsys)) / "summary.json").read_text())
     assert s["status"] == "completed" and s["diverged"] is True
+
+
+@pytest.mark.parametrize("test_flag", ["true", "false"])
+def test_completed_run_is_tested_on_the_test_split(tmp_path, capsys, test_flag):
+    """Tasks with a test split are evaluated at the end; fit metrics stay in the summary too."""
+    code = run(tmp_path, "--task", "mnist_logreg", "--optimizer", "adam", "--trainer.max_steps", "3",
+               "--test", test_flag, *FAST)
+    assert code == 0
+    summary = json.loads((Path(last_line(capsys)) / "summary.json").read_text())
+    metrics = summary["final_metrics"]
+    assert "train/loss" in metrics
+    assert ("test/acc" in metrics) == (test_flag == "true")
