@@ -64,6 +64,20 @@ def test_adam_iid_matches_sqrt_one_minus_beta2_squared(beta2, steps, burn_in, to
         assert abs(res["overall"][f"spatial_lag{lag}"]) < 0.02
 
 
+def test_nadam_and_adamw_read_exp_avg_sq():
+    for make in (lambda p: build_optimizer("nadam", [p], betas=(0.0, 0.9)),
+                 lambda p: torch.optim.AdamW([p], betas=(0.0, 0.9))):
+        p = nn.Parameter(torch.zeros(SHAPE))
+        opt = make(p)
+        cb = MomentCorrelation(start_step=50)
+        assert cb.attach(opt, {p: "w"})
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(1500):
+            p.grad = torch.randn(SHAPE, generator=gen)
+            opt.step()
+        assert cb.compute()["overall"]["g2_v"] == pytest.approx(math.sqrt(1 - 0.81), abs=0.03), type(opt)
+
+
 @pytest.mark.parametrize("name, kwargs", [
     ("adashift", {"keep_num": 1}),
     ("adashift", {"keep_num": 3, "spatial_block": "row"}),
@@ -346,3 +360,15 @@ def test_max_tensors_spans_the_model():
     cb.attach(opt, {p: n for n, p in model.named_parameters()})
     assert cb.trackers[0].names == ["0.weight", "3.weight", "6.bias", "9.bias"]  # first, last, evenly between
     assert cb.summary()["protocol"]["max_tensors"] == 4
+
+
+def test_sampled_coordinates_are_the_same_on_every_rank():
+    # what two DDP ranks do: same seed and names, whatever each process's global RNG state is
+    picks = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+        cb = MomentCorrelation(num_coords=32, seed=5)
+        cb.attach(torch.optim.Adam(model.parameters()), {p: n for n, p in model.named_parameters()})
+        picks.append([e[3].tolist() for e in cb.trackers[0].entries] + [cb.trackers[0].partner.tolist()])
+    assert picks[0] == picks[1]
