@@ -328,10 +328,12 @@ def test_trainer_integration(tmp_path):
     samples = s["samples"]
     cb2 = MomentCorrelation(every_n_steps=1, log_every_n_steps=16, lags=(1,))
     trainer2 = L.Trainer(max_steps=64, logger=False, callbacks=[cb2], enable_checkpointing=False,
+                         default_root_dir=tmp_path / "resumed",
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     trainer2.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=16), ckpt_path=ckpt)
     s2 = cb2.summary()
     assert s2["optimizer_steps"] == 64 and s2["samples"] == samples + 16
+    assert not (tmp_path / "resumed" / "correlation.csv").exists()  # logger=False: no files
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

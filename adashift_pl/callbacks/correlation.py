@@ -593,7 +593,7 @@ class MomentCorrelation(Callback):
         for opt in trainer.optimizers:
             self.attach(opt, names)
         self._pending = None
-        log_dir = trainer.log_dir
+        log_dir = trainer.log_dir if trainer.loggers else None  # logger=False: no files either
         if self.filename and log_dir and trainer.is_global_zero:
             os.makedirs(log_dir, exist_ok=True)
             self._csv_path = os.path.join(log_dir, self.filename)
