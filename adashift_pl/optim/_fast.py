@@ -33,6 +33,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -48,13 +49,14 @@ from torch import Tensor
 
 __all__ = ["kernel_available", "kernel_build_seconds", "run_kernel", "run_foreach", "KERNEL_DTYPES"]
 
-_C_SOURCE = r"""
+_C_COMMON = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
 #define CHUNK 32768  /* elements per work unit: partial sums are combined in unit order */
+#define SUB 1024     /* the block reduction re-reads each cache-hot sub-chunk just written */
 
 typedef struct { int64_t tensor, start, end, block0, block1; } unit_t;
 
@@ -65,20 +67,33 @@ static inline uint16_t bf16_store(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);                                            /* round to nearest even */
     return (uint16_t)(u >> 16);
 }
+static inline float f32_load(float x) { return x; }
+static inline float f32_store(float x) { return x; }
+static inline double f64_load(double x) { return x; }
+static inline double f64_store(double x) { return x; }
 
-/* Build the work units: tensors with one block are cut into CHUNK-element ranges (partial
-   reductions combined afterwards); tensors with several blocks (rows) are cut on block
-   boundaries so that every block is reduced by exactly one unit. */
-static int64_t make_units(int64_t nt, const int64_t* numel, const int64_t* nblocks, unit_t* u) {
+/* Work units: one-block tensors are cut into CHUNK-element ranges (partial reductions combined
+   afterwards, in unit order); row-block tensors are cut on block boundaries. */
+static int64_t units_per_tensor(int64_t n, int64_t b) {
+    if (b <= 1) return n == 0 ? 1 : (n + CHUNK - 1) / CHUNK;
+    int64_t len = n / b, per = len >= CHUNK ? 1 : CHUNK / (len > 0 ? len : 1);
+    return (b + per - 1) / per;
+}
+static int64_t count_units(int64_t nt, const int64_t* numel, const int64_t* nblocks) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < nt; ++i) k += units_per_tensor(numel[i], nblocks[i]);
+    return k;
+}
+static void make_units(int64_t nt, const int64_t* numel, const int64_t* nblocks, unit_t* u) {
     int64_t k = 0;
     for (int64_t i = 0; i < nt; ++i) {
         int64_t n = numel[i], b = nblocks[i];
         if (b <= 1) {
-            for (int64_t s = 0; s < n || (n == 0 && s == 0); s += CHUNK) {
+            int64_t s = 0;
+            do {
                 u[k].tensor = i; u[k].start = s; u[k].end = s + CHUNK < n ? s + CHUNK : n;
-                u[k].block0 = 0; u[k].block1 = 1; ++k;
-                if (n == 0) break;
-            }
+                u[k].block0 = 0; u[k].block1 = 1; ++k; s += CHUNK;
+            } while (s < n);
         } else {
             int64_t len = n / b, per = len >= CHUNK ? 1 : CHUNK / (len > 0 ? len : 1);
             for (int64_t j = 0; j < b; j += per) {
@@ -88,123 +103,164 @@ static int64_t make_units(int64_t nt, const int64_t* numel, const int64_t* nbloc
             }
         }
     }
-    return k;
 }
-
-static int64_t count_units(int64_t nt, const int64_t* numel, const int64_t* nblocks) {
-    int64_t k = 0;
-    for (int64_t i = 0; i < nt; ++i) {
-        int64_t n = numel[i], b = nblocks[i];
-        if (b <= 1) k += n == 0 ? 1 : (n + CHUNK - 1) / CHUNK;
-        else { int64_t len = n / b, per = len >= CHUNK ? 1 : CHUNK / (len > 0 ? len : 1); k += (b + per - 1) / per; }
-    }
-    return k;
-}
-
-/* T: storage type, A: arithmetic type, LD/ST: load/store. op: 0 max, 1 mean, 2 none (element-wise v). */
-#define DEFINE_STEP(NAME, T, A, LD, ST)                                                              \
-void NAME(int64_t nt, const int64_t* P, const int64_t* G, const int64_t* S, const int64_t* HW,      \
-          const int64_t* HM, const int64_t* V, const int64_t* PHI, const int64_t* numel,            \
-          const int64_t* nblocks, const double* bc2, int op, int maximize, double b1, double c,      \
-          double b2, double lr_ws, double eps, double decay, double* work) {                        \
-    /* work: [block offsets of scale (one double per block)] then [per-unit partials] */            \
-    int64_t nunits = count_units(nt, numel, nblocks);                                               \
-    unit_t* units = (unit_t*)malloc(sizeof(unit_t) * (size_t)(nunits > 0 ? nunits : 1));             \
-    int64_t* boff = (int64_t*)malloc(sizeof(int64_t) * (size_t)(nt + 1));                          \
-    make_units(nt, numel, nblocks, units);                                                          \
-    boff[0] = 0;                                                                                    \
-    for (int64_t i = 0; i < nt; ++i) boff[i + 1] = boff[i] + (op == 2 ? 0 : nblocks[i]);            \
-    double* scale = work; double* partial = work + boff[nt]; int* pnan = (int*)malloc(sizeof(int) * (size_t)(nunits > 0 ? nunits : 1)); \
-    /* phase 0: v_t = b2 v + (1 - b2) phi(g_{t-n}^2) per block, read before the slot is rewritten */ \
-    if (op != 2) {                                                                                  \
-        for (int64_t i = 0; i < nt; ++i) {                                                          \
-            T* v = (T*)V[i]; const T* phi = (const T*)PHI[i];                                       \
-            for (int64_t j = 0; j < nblocks[i]; ++j) {                                              \
-                A vv = (A)LD(v[j]) * (A)b2; vv = (A)LD(ST(vv)) + (A)(1.0 - b2) * (A)LD(phi[j]);     \
-                v[j] = ST(vv);                                                                      \
-                double den = sqrt((double)LD(v[j]) / bc2[i]) + eps;                                 \
-                scale[boff[i] + j] = lr_ws / den;                                                   \
-            }                                                                                       \
-        }                                                                                           \
-    }                                                                                               \
-    const A ab1 = (A)b1, ac = (A)c, ab2 = (A)b2, aomb2 = (A)(1.0 - b2), adecay = (A)decay;          \
-    int64_t total = 0; for (int64_t i = 0; i < nt; ++i) total += numel[i];                         \
-    /* small steps stay on the calling thread: waking the pool costs more than the work */         \
-    _Pragma("omp parallel for schedule(dynamic, 1) if(total >= 4 * CHUNK)")                       \
-    for (int64_t k = 0; k < nunits; ++k) {                                                          \
-        const unit_t u = units[k]; const int64_t i = u.tensor;                                      \
-        T* p = (T*)P[i]; const T* g = (const T*)G[i]; T* s = (T*)S[i]; T* hw = (T*)HW[i];           \
-        const T* hm = (const T*)HM[i];                                                              \
-        const int64_t len = nblocks[i] > 1 ? numel[i] / nblocks[i] : u.end - u.start;              \
-        int nan = 0;                                                                                \
-        for (int64_t j = u.block0; j < u.block1; ++j) {                                             \
-            const int64_t e0 = nblocks[i] > 1 ? j * len : u.start, e1 = e0 + len;                   \
-            double red = 0.0; A mx = (A)0;                                                          \
-            if (op == 2) {                                                                          \
-                T* v = (T*)V[i]; const A lrw = (A)lr_ws, aeps = (A)eps, abc = (A)bc2[i];            \
-                for (int64_t e = e0; e < e1; ++e) {                                                 \
-                    A gg = LD(g[e]); if (maximize) gg = -gg;                                        \
-                    A old = LD(hw[e]);                                                              \
-                    A sn = (A)LD(ST((A)LD(s[e]) * ab1 + gg)) - ac * (A)LD(hm[e]);                   \
-                    A vn = (A)LD(ST((A)LD(v[e]) * ab2)) + aomb2 * (A)LD(ST(old * old));             \
-                    T vs = ST(vn), ss = ST(sn);                                                     \
-                    A den = (A)sqrt(LD(vs) / abc) + aeps;                                           \
-                    s[e] = ss; v[e] = vs; hw[e] = ST(gg);                                           \
-                    p[e] = ST((A)LD(p[e]) * adecay - lrw * (A)LD(ss) / den);                        \
-                }                                                                                   \
-            } else {                                                                                \
-                const A sc = (A)scale[boff[i] + j];                                                 \
-                for (int64_t e = e0; e < e1; ++e) {                                                 \
-                    A gg = LD(g[e]); if (maximize) gg = -gg;                                        \
-                    A sn = (A)LD(ST((A)LD(s[e]) * ab1 + gg)) - ac * (A)LD(hm[e]);                   \
-                    T ss = ST(sn);                                                                  \
-                    s[e] = ss; hw[e] = ST(gg);                                                      \
-                    p[e] = ST((A)LD(p[e]) * adecay - (A)LD(ss) * sc);                               \
-                    A q = (A)LD(ST(gg * gg));                                                       \
-                    nan |= (q != q);                                                                \
-                    if (op == 0) mx = q > mx ? q : mx; else red += (double)q;                       \
-                }                                                                                   \
-                if (nblocks[i] > 1) {                                                               \
-                    T* phi = (T*)PHI[i];                                                            \
-                    phi[j] = nan ? ST((A)NAN) : (op == 0 ? ST(mx) : ST((A)(red / (double)len)));    \
-                    nan = 0;                                                                        \
-                } else {                                                                            \
-                    partial[k] = op == 0 ? (double)mx : red;                                        \
-                }                                                                                   \
-            }                                                                                       \
-        }                                                                                           \
-        pnan[k] = nan;                                                                              \
-    }                                                                                               \
-    /* combine the partial reductions of one-block tensors in unit order (thread-count independent) */ \
-    if (op != 2) {                                                                                  \
-        int64_t k = 0;                                                                              \
-        while (k < nunits) {                                                                        \
-            const int64_t i = units[k].tensor;                                                      \
-            if (nblocks[i] > 1) { ++k; continue; }                                                  \
-            double acc = 0.0; int nan = 0;                                                          \
-            for (; k < nunits && units[k].tensor == i; ++k) {                                       \
-                nan |= pnan[k];                                                                     \
-                if (op == 0) acc = partial[k] > acc ? partial[k] : acc; else acc += partial[k];     \
-            }                                                                                       \
-            T* phi = (T*)PHI[i];                                                                    \
-            A r = op == 0 ? (A)acc : (A)(acc / (double)(numel[i] > 0 ? numel[i] : 1));              \
-            phi[0] = nan ? ST((A)NAN) : ST(r);                                                      \
-        }                                                                                           \
-    }                                                                                               \
-    free(units); free(boff); free(pnan);                                                            \
-}
-
-#define ID(x) (x)
-DEFINE_STEP(adashift_step_f32, float, float, ID, (float))
-DEFINE_STEP(adashift_step_f64, double, double, ID, (double))
-DEFINE_STEP(adashift_step_bf16, uint16_t, float, bf16_load, bf16_store)
 
 int64_t adashift_work_size(int64_t nt, const int64_t* numel, const int64_t* nblocks) {
     int64_t b = 0;
     for (int64_t i = 0; i < nt; ++i) b += nblocks[i];
-    return b + count_units(nt, numel, nblocks);
+    return b + 2 * count_units(nt, numel, nblocks);
 }
 """
+
+# One copy per storage type T (arithmetic type A, integer type U of T's width, ABS: mask of the sign bit).
+_C_TYPED = r"""
+/* S <- b1 S + g - c h;  h <- g;  p <- p decay - S sc   (phi = max/mean: sc is the block's lr / denominator) */
+static void upd_block_SFX(T* restrict p, const T* restrict g, T* restrict s, T* restrict h, int64_t n,
+                          A sign, A b1, A c, A decay, A sc) {
+    for (int64_t e = 0; e < n; ++e) {
+        A gg = sign * LD(g[e]);
+        T ss = ST(LD(ST(LD(s[e]) * b1 + gg)) - c * LD(h[e]));
+        s[e] = ss; h[e] = ST(gg);
+        p[e] = ST(LD(p[e]) * decay - LD(ss) * sc);
+    }
+}
+/* phi = none: v element-wise from g_{t-n} (in hw), g_{t-m} in hm (hm may be hw itself: m = n) */
+#define NONE_BODY                                                                       \
+        A gg = sign * LD(g[e]); A old = LD(hw[e]);                                      \
+        T ss = ST(LD(ST(LD(s[e]) * b1 + gg)) - c * LD(hm[e]));                         \
+        T vs = ST(LD(ST(LD(v[e]) * b2)) + omb2 * LD(ST(old * old)));                   \
+        A den = (A)sqrt(LD(vs) / bc) + eps;                                             \
+        s[e] = ss; v[e] = vs; hw[e] = ST(gg);                                           \
+        p[e] = ST(LD(p[e]) * decay - lrw * LD(ss) / den);
+static void upd_none_SFX(T* restrict p, const T* restrict g, T* restrict s, T* restrict hw, const T* restrict hm,
+                         T* restrict v, int64_t n, A sign, A b1, A c, A b2, A omb2, A bc, A eps, A decay, A lrw) {
+    for (int64_t e = 0; e < n; ++e) { NONE_BODY }
+}
+static void upd_none_alias_SFX(T* restrict p, const T* restrict g, T* restrict s, T* restrict hw,
+                               T* restrict v, int64_t n, A sign, A b1, A c, A b2, A omb2, A bc, A eps, A decay,
+                               A lrw) {
+    const T* hm = hw;
+    for (int64_t e = 0; e < n; ++e) { NONE_BODY }
+}
+/* max |x| as the integer order of |x|'s bits (NaN, all ones in the exponent, stays on top) */
+static U absmax_SFX(const T* restrict x, int64_t n, U acc) {
+    const U* restrict u = (const U*)x;
+    for (int64_t e = 0; e < n; ++e) { U b = u[e] & ABS; acc = b > acc ? b : acc; }
+    return acc;
+}
+/* sum of x^2 (each square rounded to T, as torch computes g * g) in 8 double lanes, fixed order */
+static double sumsq_SFX(const T* restrict x, int64_t n) {
+    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t e = 0;
+    for (; e + 8 <= n; e += 8)
+        for (int j = 0; j < 8; ++j) { A y = LD(x[e + j]); lane[j] += (double)LD(ST(y * y)); }
+    double tail = 0;
+    for (; e < n; ++e) { A y = LD(x[e]); tail += (double)LD(ST(y * y)); }
+    return (((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))) + tail;
+}
+static A from_bits_SFX(U b) { T t; memcpy(&t, &b, sizeof(T)); return LD(t); }
+
+void adashift_step_SFX(int64_t nt, const int64_t* P, const int64_t* G, const int64_t* S, const int64_t* HW,
+                       const int64_t* HM, const int64_t* V, const int64_t* PHI, const int64_t* numel,
+                       const int64_t* nblocks, const double* bc2, int op, int maximize, double b1, double c,
+                       double b2, double lr_ws, double eps, double decay, double* work) {
+    /* op: 0 max, 1 mean, 2 none. work: [per-block scale][per-unit partial][per-unit NaN flag] */
+    int64_t nunits = count_units(nt, numel, nblocks);
+    unit_t* units = (unit_t*)malloc(sizeof(unit_t) * (size_t)nunits);
+    int64_t* boff = (int64_t*)malloc(sizeof(int64_t) * (size_t)(nt + 1));
+    make_units(nt, numel, nblocks, units);
+    boff[0] = 0;
+    for (int64_t i = 0; i < nt; ++i) boff[i + 1] = boff[i] + nblocks[i];
+    double* scale = work; double* partial = work + boff[nt];
+    const A sign = maximize ? (A)-1 : (A)1, ab1 = (A)b1, ac = (A)c, ab2 = (A)b2, aomb2 = (A)(1.0 - b2);
+    const A adecay = (A)decay;
+    /* phase 0: v_t = b2 v + (1 - b2) phi(g_{t-n}^2) per block, read before the slot is rewritten */
+    if (op != 2) {
+        for (int64_t i = 0; i < nt; ++i) {
+            T* v = (T*)V[i]; const T* phi = (const T*)PHI[i];
+            for (int64_t j = 0; j < nblocks[i]; ++j) {
+                v[j] = ST(LD(ST(LD(v[j]) * ab2)) + aomb2 * LD(phi[j]));
+                scale[boff[i] + j] = lr_ws / (sqrt((double)LD(v[j]) / bc2[i]) + eps);
+            }
+        }
+    }
+    int64_t total = 0;
+    for (int64_t i = 0; i < nt; ++i) total += numel[i];
+    /* small steps stay on the calling thread: waking the pool costs more than the work */
+    #pragma omp parallel for schedule(dynamic, 1) if(total >= 4 * CHUNK)
+    for (int64_t k = 0; k < nunits; ++k) {
+        const unit_t u = units[k]; const int64_t i = u.tensor;
+        T* p = (T*)P[i]; const T* g = (const T*)G[i]; T* s = (T*)S[i]; T* hw = (T*)HW[i];
+        const T* hm = (const T*)HM[i];
+        if (op == 2) {
+            T* v = (T*)V[i]; const int64_t e0 = u.start, n = u.end - u.start;
+            if (hm == hw)
+                upd_none_alias_SFX(p + e0, g + e0, s + e0, hw + e0, v + e0, n, sign, ab1, ac, ab2, aomb2,
+                                   (A)bc2[i], (A)eps, adecay, (A)lr_ws);
+            else
+                upd_none_SFX(p + e0, g + e0, s + e0, hw + e0, hm + e0, v + e0, n, sign, ab1, ac, ab2, aomb2,
+                             (A)bc2[i], (A)eps, adecay, (A)lr_ws);
+            continue;
+        }
+        const int rows = nblocks[i] > 1;
+        const int64_t len = rows ? numel[i] / nblocks[i] : u.end - u.start;
+        for (int64_t j = u.block0; j < u.block1; ++j) {
+            const int64_t e0 = rows ? j * len : u.start;
+            const A sc = (A)scale[boff[i] + j];
+            U mx = 0; double sum = 0;
+            for (int64_t a = 0; a < len; a += SUB) {   /* for max/mean, hw is hm: one slot */
+                const int64_t n = len - a < SUB ? len - a : SUB, e = e0 + a;
+                upd_block_SFX(p + e, g + e, s + e, hw + e, n, sign, ab1, ac, adecay, sc);
+                if (op == 0) mx = absmax_SFX(hw + e, n, mx); else sum += sumsq_SFX(hw + e, n);
+            }
+            if (rows) {
+                T* phi = (T*)PHI[i];
+                A r;
+                if (op == 0) { A m = from_bits_SFX(mx); r = m * m; } else r = (A)(sum / (double)len);
+                phi[j] = ST(r);
+            } else if (op == 0) {
+                uint64_t w = (uint64_t)mx; memcpy(&partial[2 * k], &w, 8);  /* the bits, exactly */
+            } else {
+                partial[2 * k] = sum;
+            }
+        }
+    }
+    /* combine the partial reductions of one-block tensors in unit order (thread-count independent) */
+    if (op != 2) {
+        int64_t k = 0;
+        while (k < nunits) {
+            const int64_t i = units[k].tensor;
+            if (nblocks[i] > 1) { ++k; continue; }
+            U mx = 0; double sum = 0;
+            for (; k < nunits && units[k].tensor == i; ++k) {
+                if (op == 0) { uint64_t w; memcpy(&w, &partial[2 * k], 8); mx = (U)w > mx ? (U)w : mx; }
+                else sum += partial[2 * k];
+            }
+            A r;
+            if (op == 0) { A m = from_bits_SFX(mx); r = m * m; } else r = (A)(sum / (double)numel[i]);
+            ((T*)PHI[i])[0] = ST(r);
+        }
+    }
+    free(units); free(boff);
+}
+"""
+
+_C_TYPES = {"f32": ("float", "float", "uint32_t", "0x7fffffffu", "f32_load", "f32_store"),
+         "f64": ("double", "double", "uint64_t", "0x7fffffffffffffffull", "f64_load", "f64_store"),
+         "bf16": ("uint16_t", "float", "uint16_t", "(uint16_t)0x7fffu", "bf16_load", "bf16_store")}
+
+def _c_source() -> str:
+    out = [_C_COMMON]
+    for sfx, (T, A, U, ABS, LD, ST) in _C_TYPES.items():
+        code = _C_TYPED
+        for k, v in (("SFX", sfx), ("ABS", ABS), ("LD", LD), ("ST", ST)):
+            code = code.replace(k, v)
+        code = re.sub(r"\bT\b", T, code); code = re.sub(r"\bA\b", A, code); code = re.sub(r"\bU\b", U, code)
+        out.append(code)
+    return "\n".join(out)
+
+
+_C_SOURCE = _c_source()
 
 KERNEL_DTYPES = {torch.float32: "adashift_step_f32", torch.float64: "adashift_step_f64",
                  torch.bfloat16: "adashift_step_bf16"}
@@ -251,7 +307,7 @@ def _build() -> ctypes.CDLL | None:
             out = Path(tmp) / path.name
             err = ""
             for arch in (["-march=native"], []):  # some compilers do not know -march=native
-                cmd = [cc, "-O3", *arch, "-fopenmp", "-fPIC", "-shared", "-std=gnu11", str(src), "-o", str(out), "-lm"]
+                cmd = [cc, "-O3", *arch, "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", str(src), "-o", str(out), "-lm"]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode == 0:
                     break
