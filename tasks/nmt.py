@@ -213,7 +213,8 @@ class Seq2Seq(nn.Module):
 # ============================================================================ LightningModule
 def corpus_bleu(hyps: list[str], refs: list[str], tokenize: str = "13a") -> tuple[float, str]:
     """sacreBLEU corpus BLEU (0-100) of hypotheses against one reference each, and its signature."""
-    bleu = sacrebleu.metrics.BLEU(tokenize=tokenize)
+    # force: our text is whitespace-tokenized by design; sacreBLEU would warn "forgot to detokenize"
+    bleu = sacrebleu.metrics.BLEU(tokenize=tokenize, force=True)
     return bleu.corpus_score(hyps, [refs]).score, str(bleu.get_signature())
 
 
