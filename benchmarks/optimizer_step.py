@@ -15,8 +15,9 @@ Method: every configuration is built fresh in every round (the state of all of t
 would not fit in memory for the NMT set), warmed up past its first n steps, then timed for
 --steps steps; rounds visit the configurations in turn (interleaved), so a slow phase of a
 shared machine hits all of them alike. The table shows the median over rounds of the per-round
-median ms/step, the spread (min-max of the round medians), the ratio to fused and to foreach
-Adam of the same round, and the bytes of optimizer state.
+median ms/step, the spread (min-max of the round medians), the ratios to fused and to foreach
+Adam -- each the median over all timed steps of the ratio to the Adam steps run right before and
+after it (see time_config) -- and the bytes of optimizer state (x params: in parameter sizes).
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def sync(device: torch.device) -> None:
 
 
 def impl_of(opt) -> str:
+    if isinstance(opt, AdaShiftSpatial):
+        return "reference"  # no fast path (yet)
     if not isinstance(opt, AdaShift):
         return "torch"
     fe = opt.param_groups[0]["foreach"]
@@ -105,7 +108,22 @@ def impl_of(opt) -> str:
     return "foreach" if (fe or p.device.type == "cuda") else "reference"
 
 
-def time_config(factory, params, device, steps, max_state_bytes):
+def timed_step(opt, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    opt.step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def time_config(factory, params, device, steps, max_state_bytes, fused, foreach):
+    """ms/step of one configuration and its step-by-step paired ratios to the two Adams.
+
+    Every timed step of the configuration sits between a step of fused Adam and a step of
+    foreach Adam (persistent, on their own copies of the parameters): a slow phase of a shared
+    machine then hits the step and its baselines alike, and the median of the per-step ratios
+    is far steadier than a ratio of medians taken minutes apart.
+    """
     foreach_ops = factory == "foreach-ops"
     if foreach_ops:  # the fallback used where no C compiler is present (and on CUDA)
         saved = _fast._lib, _fast._lib_tried
@@ -120,14 +138,16 @@ def time_config(factory, params, device, steps, max_state_bytes):
             return None, est, impl_of(opt)
         for _ in range(n + 2):  # fill the queue: the timed steps are steady-state updates
             opt.step()
-        sync(device)
-        times = []
+        times, r_fused, r_foreach = [], [], []
         for _ in range(steps):
-            t0 = time.perf_counter()
-            opt.step()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3, state_bytes(opt), impl_of(opt)
+            tf = timed_step(fused, device)
+            t = timed_step(opt, device)
+            te = timed_step(foreach, device)
+            times.append(t)
+            r_fused.append(t / tf)
+            r_foreach.append(t / te)
+        return (statistics.median(times) * 1e3, statistics.median(r_fused), statistics.median(r_foreach)), \
+            state_bytes(opt), impl_of(opt)
     finally:
         if foreach_ops:
             _fast._lib, _fast._lib_tried = saved
@@ -195,22 +215,30 @@ def main(argv=None) -> None:
         numel = sum(p.numel() for p in params)
         pbytes = numel * params[0].element_size()
         print(f"\n## {set_name}: {len(params)} tensors, {numel / 1e6:.2f}M elements ({pbytes / 2**20:.0f} MiB)")
+        copies = []
+        for _ in range(2):  # the baselines' own parameters, so that they run beside every configuration
+            cp = [nn.Parameter(p.detach().clone()) for p in params]
+            for c, p in zip(cp, params):
+                c.grad = p.grad.clone()
+            copies.append(cp)
+        fused = torch.optim.Adam(copies[0], fused=True)
+        foreach = torch.optim.Adam(copies[1], foreach=True)
+        fused.step()
+        foreach.step()
         res = {r[0] + r[1]: [] for r in rows}
         ratio_f = {k: [] for k in res}
         ratio_e = {k: [] for k in res}
         info = {}
         for rnd in range(args.rounds):
-            base = {}
             for name, n, factory in rows:
-                ms, sb, impl = time_config(factory, params, device, args.steps, args.max_state_gb * 2**30)
-                info[name + n] = (sb, impl, ms is None)
-                if ms is None:
+                out, sb, impl = time_config(factory, params, device, args.steps, args.max_state_gb * 2**30,
+                                            fused, foreach)
+                info[name + n] = (sb, impl, out is None)
+                if out is None:
                     continue
-                res[name + n].append(ms)
-                base[name + n] = ms
-            for key, ms in base.items():  # ratios to the Adams of the same round
-                ratio_f[key].append(ms / base["adam (fused)"])
-                ratio_e[key].append(ms / base["adam (foreach)"])
+                res[name + n].append(out[0])
+                ratio_f[name + n].append(out[1])
+                ratio_e[name + n].append(out[2])
             print(f"#   round {rnd + 1}/{args.rounds} done, load avg {os.getloadavg()[0]:.1f}", flush=True)
         hdr = (f"| {'optimizer':<30} | {'n':>3} | {'impl':<9} | {'ms/step':>8} | {'min-max':>13} | {'x fused':>7} | "
                f"{'x foreach':>9} | {'state MiB':>9} | {'x params':>8} |")
@@ -228,11 +256,11 @@ def main(argv=None) -> None:
                   f"{min(ts):>6.1f}-{max(ts):<6.1f} | {statistics.median(ratio_f[key]):>7.2f} | "
                   f"{statistics.median(ratio_e[key]):>9.2f} | {sb / 2**20:>9.1f} | {sb / pbytes:>8.2f} |")
         for n in args.ns.split(","):
-            a, b = res.get("adashift max10"), res.get(f"adashift max{n}")
+            a, b = ratio_f.get("adashift max10"), ratio_f.get(f"adashift max{n}")
             if a and b and n != "10":
-                print(f"# adashift max: n={n} / n=10 = {statistics.median(b) / statistics.median(a):.3f} "
-                      "(median of round medians)")
-        del params
+                print(f"# adashift max: cost of n={n} / cost of n=10 = {statistics.median(b) / statistics.median(a):.3f}"
+                      " (ratios to fused Adam)")
+        del params, copies, fused, foreach
         gc.collect()
 
 
