@@ -116,6 +116,14 @@ class AdaShift(Optimizer):
         eps: added to sqrt(v_hat) (default 1e-10, as in the authors' code).
         weight_decay: decoupled weight decay (see module docstring).
         maximize: maximize the objective instead of minimizing.
+        foreach: which implementation runs the steady-state steps (t > n). None (default):
+            the fast path where it is faster -- on CPU the fused C kernel of
+            :mod:`adashift_pl.optim._fast` (one pass over p, g, S and one history slot, about
+            fused Adam's speed; built once per machine with the system C compiler), on CUDA
+            torch._foreach_* ops -- else this per-parameter reference code. True: the fast
+            path, with foreach ops where the kernel is unavailable. False: always the
+            reference code. All paths share one state layout and follow the same trajectory
+            (tests/test_adashift_fast.py).
 
     State per parameter: ``step`` (gradients seen), ``updates`` (k), ``history``
     (ring buffer of the last m -- or n for phi = none -- gradients), ``exp_avg_sum``
