@@ -278,10 +278,9 @@ class NMTModule(L.LightningModule):
         return loss, (target != 0).sum()
 
     def training_step(self, batch, batch_idx):
-        loss, ntok = self.token_nll(batch)
+        loss, _ = self.token_nll(batch)
         bs = batch["src"].size(0)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/tokens", ntok.float(), reduce_fx="sum", batch_size=bs)
         return loss
 
     # --- decoding
@@ -310,7 +309,9 @@ class NMTModule(L.LightningModule):
 
     def on_validation_epoch_end(self):
         loss = self.val_nll.compute()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "val/bleu": 100 * self.val_bleu.compute()})
+        # the metrics synced themselves (identical on every rank); sync_dist only silences Lightning's DDP hint
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "val/bleu": 100 * self.val_bleu.compute()},
+                      sync_dist=True)
         self.val_nll.reset()
         self.val_bleu.reset()
         self._log_examples("val/examples")
@@ -330,7 +331,7 @@ class NMTModule(L.LightningModule):
         order = sorted(outputs)
         self.test_bleu, self.test_bleu_signature = corpus_bleu(
             [outputs[i][2] for i in order], [outputs[i][1] for i in order], self.hparams.bleu_tokenize)
-        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss), "test/bleu": self.test_bleu})
+        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss), "test/bleu": self.test_bleu}, sync_dist=True)
         self.test_nll.reset()
         self._log_examples("test/examples")
         if self.trainer.is_global_zero:
