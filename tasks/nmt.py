@@ -379,6 +379,18 @@ class NMTDataModule(L.LightningDataModule):
                  seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
+        positive = dict(max_src_len=max_src_len, max_tgt_len=max_tgt_len, max_src_len_eval=max_src_len_eval,
+                        max_vocab_size=max_vocab_size, min_freq=min_freq, batch_size=batch_size,
+                        eval_batch_size=eval_batch_size)
+        for name, value in positive.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UserError(f"invalid data.{name} {value!r}: allowed is an integer >= 1"
+                                + ("" if name in ("min_freq", "batch_size", "eval_batch_size") else ", or null"))
+        if empty_lines not in ("error", "skip"):
+            raise UserError(f"invalid data.empty_lines {empty_lines!r}: allowed are error, skip")
+        if len(synthetic_sizes) != 3 or any(not isinstance(n, int) or n < 1 for n in synthetic_sizes):
+            raise UserError(f"invalid data.synthetic_sizes {synthetic_sizes!r}: allowed is [train, valid, test], "
+                            f"three integers >= 1")
         files = dict(train_src=train_src, train_tgt=train_tgt, valid_src=valid_src, valid_tgt=valid_tgt,
                      test_src=test_src, test_tgt=test_tgt)
         given = {k: v for k, v in files.items() if v}

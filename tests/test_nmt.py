@@ -107,6 +107,14 @@ def test_loader_errors_name_file_and_line(tmp_path, case):
         dm.setup()
 
 
+@pytest.mark.parametrize("bad", [{"max_src_len_eval": 0}, {"batch_size": 0}, {"synthetic_sizes": [10, 0, 5]},
+                                 {"empty_lines": "maybe"}, {"source": "somewhere"}])
+def test_bad_data_settings_are_user_errors(bad):
+    with pytest.raises(UserError, match=next(iter(bad))):
+        dm = nmt.NMTDataModule(**{"source": "synthetic", **bad})
+        dm.setup()
+
+
 def test_empty_lines_can_be_skipped(tmp_path):
     d = write_stanford(tmp_path / "iwslt15.en-vi")
     (d / "train.en").write_text("the cat sat\n\na cat ran\n", encoding="utf-8")
