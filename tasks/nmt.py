@@ -231,9 +231,12 @@ class NMTModule(L.LightningModule):
         if bleu_tokenize not in sacrebleu.metrics.BLEU.TOKENIZERS:
             raise UserError(f"invalid model.bleu_tokenize {bleu_tokenize!r}: allowed are "
                             f"{', '.join(sacrebleu.metrics.BLEU.TOKENIZERS)}")
-        for name in ("beam_width", "val_beam_width", "max_decode_len"):
-            if int(getattr(self.hparams, name)) < 1:
-                raise UserError(f"invalid model.{name} {getattr(self.hparams, name)}: must be >= 1")
+        for name in ("embed_dim", "hidden", "num_layers", "beam_width", "val_beam_width", "max_decode_len"):
+            value = getattr(self.hparams, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"invalid model.{name} {value!r}: allowed is an integer >= 1")
+        if not 0.0 <= dropout < 1.0:
+            raise UserError(f"invalid model.dropout {dropout!r}: allowed is 0 <= dropout < 1")
         self.model: Seq2Seq | None = None
         self.src_vocab = self.tgt_vocab = None
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
