@@ -295,3 +295,17 @@ def test_short_training_run_lowers_loss_and_raises_bleu(tmp_path, one_thread):
     assert module.test_bleu > 20 and module.test_bleu_signature.startswith("nrefs:1")
     extra = module.summary_extra()
     assert extra["test_bleu"] == module.test_bleu and extra["data"]["source"] == "synthetic"
+
+
+@pytest.mark.parametrize("name", ["nmt.yaml", "nmt_iwslt15.yaml", "nmt_released.yaml"])
+def test_configs_build(name):
+    """Every NMT config's model/data keys are accepted and every optimizer block builds."""
+    import yaml
+
+    from adashift_pl.optim import build_optimizer
+    cfg = yaml.safe_load((Path(__file__).parent.parent / "configs" / name).read_text())
+    assert cfg["task"] == "nmt"
+    for opt_name, block in cfg["optimizer"].items():
+        module, dm = nmt.build(cfg["model"], {**cfg["data"], "source": "synthetic"}, {"name": opt_name, **block}, 0)
+        module.build_model(pt.Vocab(["a"]), pt.Vocab(["b"]))
+        assert isinstance(module.configure_optimizers(), torch.optim.Optimizer)
