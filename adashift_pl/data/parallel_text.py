@@ -193,7 +193,7 @@ class Vocab:
 #   local reordering  adjective after noun; "does not V" -> "ne V pas";
 #                     the adverb moves from the end of the sentence to after the verb.
 # The lexicon is small on purpose (~60 source / ~80 target types): the default run must
-# learn it in ~1.5k steps on a CPU, and max-AdaShift's per-tensor step size (one v for a
+# learn it in 3k steps on a CPU, and max-AdaShift's per-tensor step size (one v for a
 # whole embedding matrix) makes rare rows learn slowly -- a Zipfian real vocabulary needs
 # the paper's 10k+ steps.
 _NOUNS = {  # source singular, plural, target lemma, gender
