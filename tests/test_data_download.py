@@ -166,3 +166,16 @@ def test_extract_refuses_existing_destination(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(UserError, match="already exists"):
         extract_archive(archive, tmp_path / "out")
+
+
+def test_temporary_file_is_private_to_the_download(server, tmp_path):
+    """The in-progress file is named after the whole destination name: fetching train.en neither
+    writes nor (on failure) deletes a train.part that belongs to someone else (e.g. train.vi's)."""
+    other = tmp_path / "train.part"
+    other.write_bytes(b"someone else's file")
+    with pytest.raises(UserError, match="failed"):
+        download_url(f"{server}/missing.zip", tmp_path / "train.en", None, progress=False)
+    assert other.read_bytes() == b"someone else's file"
+    download_url(f"{server}/tiny.zip", tmp_path / "train.en", hashlib.sha256(ZIP).hexdigest(), progress=False)
+    assert other.read_bytes() == b"someone else's file"
+    assert _leftovers(tmp_path) == ["train.en", "train.part"]

@@ -280,6 +280,24 @@ def test_cifar_download_extracts_atomically(tmp_path, serve, monkeypatch):
     assert len(dm.test_set) == 6
 
 
+def test_cifar_download_of_a_wrong_archive_is_named_and_leaves_no_staging(tmp_path, serve, monkeypatch):
+    """An archive without cifar-10-batches-py/ is a UserError naming it (it was a FileNotFoundError
+    traceback), and no staging directory stays behind."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        info = tarfile.TarInfo("something-else/readme.txt")
+        info.size = 2
+        tf.addfile(info, io.BytesIO(b"hi"))
+    archive = buf.getvalue()
+    monkeypatch.setattr(datasets.CIFAR10, "url", f"{serve({'/other.tar.gz': archive})}/other.tar.gz")
+    monkeypatch.setattr(datasets.CIFAR10, "tgz_md5", hashlib.md5(archive).hexdigest())
+    data = tmp_path / "data"
+    dm = CIFAR10DataModule(dir=str(data), source="real", download=True, verify_checksums=False, val_size=4)
+    with pytest.raises(UserError, match=r"cifar-10-python\.tar\.gz does not have the CIFAR-10 layout"):
+        dm.prepare_data()
+    assert sorted(p.name for p in data.iterdir()) == ["cifar-10-python.tar.gz"]
+
+
 # --------------------------------------------------------------------------- Tiny-ImageNet
 
 def test_tiny_imagenet_layout_and_val_annotations(tmp_path):

@@ -3,8 +3,9 @@
 The rule (DESIGN.md, issue 5): a failed or interrupted download never leaves a
 half-written file or data set behind. So
 
-* `download_url` streams into `<dest>.part` (same directory, hence same file
-  system), checks the byte count and the digest while streaming, and only then
+* `download_url` streams into a temporary `.<dest name>.<random>.part` file (same
+  directory, hence same file system; unique, so two processes fetching into one
+  shared directory, or two files with the same stem, never write the same file), checks the byte count and the digest while streaming, and only then
   `os.replace`s the file into place. Any failure -- HTTP error, short read,
   checksum mismatch, Ctrl-C -- deletes the `.part` file.
 * `extract_archive` unpacks into a temporary sibling directory and renames it
@@ -25,6 +26,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import uuid
 import zipfile
 import zlib
 from pathlib import Path
@@ -72,7 +74,10 @@ def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, *
         check_file(dest, sha256=sha256, md5=md5)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_suffix(".part")
+    # A unique name per call: dest.with_suffix(".part") would make train.en and train.vi share
+    # train.part, and two nodes downloading into one shared directory would write one file.
+    # (A random name rather than mkstemp: the file keeps the umask's permissions, not 0600.)
+    part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.part")
     hashers = {name: hashlib.new(name) for name, want in (("sha256", sha256), ("md5", md5)) if want}
     try:
         try:

@@ -35,6 +35,7 @@ import gzip
 import os
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -250,6 +251,28 @@ class _ImageDataModule(L.LightningDataModule):
     def _prepare_real(self) -> None:
         """One-process work on downloaded files before loading (e.g. unpacking); default none."""
 
+    def _download_archive(self, url: str, filename: str, md5: str | None, member: str) -> None:
+        """Fetch `url` to `dir/filename` (md5-checked, atomic), unpack it in a private staging
+        directory and move its top folder (the first part of `member`, which must be in the
+        archive) to `expected_path` in one rename; the staging directory never outlives the call."""
+        archive = download_url(url, self.dir / filename, md5=md5)
+        folder = member.split("/", 1)[0]
+        # unique per call: two processes (nodes sharing `dir`) never unpack into the same place
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder}.staging-", dir=self.dir))
+        try:
+            unpacked = extract_archive(archive, staging / "x")
+            if not (unpacked / member).exists():
+                raise UserError(f"{archive} does not have the {self.name} layout (no {member} in it); "
+                                f"delete it and use --data.download true")
+            try:
+                os.replace(unpacked / folder, self.expected_path)
+            except OSError:
+                if not self._real_available():
+                    raise
+                # another process sharing `dir` finished the same download first: use its copy
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
     def _load_real(self) -> tuple[Dataset, Dataset]:
         """(official train set, test set), images as PIL or uint8 CHW tensors, no transform."""
         raise NotImplementedError
@@ -439,12 +462,7 @@ class CIFAR10DataModule(_ImageDataModule):
 
     def _download(self) -> None:
         c = datasets.CIFAR10
-        archive = download_url(c.url, self.dir / c.filename, md5=c.tgz_md5)
-        staging = self.dir / ".cifar-10.staging"
-        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted earlier run
-        extract_archive(archive, staging)
-        os.replace(staging / c.base_folder, self.expected_path)
-        shutil.rmtree(staging, ignore_errors=True)
+        self._download_archive(c.url, c.filename, c.tgz_md5, c.base_folder)
 
     def _load_real(self) -> tuple[Dataset, Dataset]:
         if self.verify_checksums:
@@ -513,15 +531,7 @@ class TinyImageNetDataModule(_ImageDataModule):
             (root / "val" / "val_annotations.txt").is_file()
 
     def _download(self) -> None:
-        archive = download_url(self.url, self.dir / "tiny-imagenet-200.zip", md5=self.md5)
-        staging = self.dir / ".tiny-imagenet-200.staging"
-        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted earlier run
-        extract_archive(archive, staging)
-        if not (staging / "tiny-imagenet-200" / "wnids.txt").is_file():
-            shutil.rmtree(staging, ignore_errors=True)
-            raise UserError(f"{archive} does not have the Tiny-ImageNet layout (tiny-imagenet-200/wnids.txt)")
-        os.replace(staging / "tiny-imagenet-200", self.expected_path)
-        shutil.rmtree(staging, ignore_errors=True)
+        self._download_archive(self.url, "tiny-imagenet-200.zip", self.md5, "tiny-imagenet-200/wnids.txt")
 
     def _load_real(self) -> tuple[Dataset, Dataset]:
         return TinyImageNetFolder(self.expected_path, "train"), TinyImageNetFolder(self.expected_path, "val")
