@@ -206,6 +206,18 @@ def load_recipe(name: str) -> dict:
     return recipe
 
 
+def _recipe_config(config: str, recipe_path: str) -> str:
+    """A recipe's `config:` as an absolute path: as given if absolute or present from the working
+    directory, else relative to the checkout the recipe ships with (configs/nmt_iwslt15.yaml works
+    from any directory, as the recipe name does)."""
+    p = Path(config)
+    if not p.is_absolute() and not p.is_file():
+        p = Path(__file__).resolve().parents[1] / config
+    if not p.is_file():
+        raise UserError(f"recipe {recipe_path}: config {config!r} not found")
+    return str(p.resolve())
+
+
 def plan_combos(optimizers: dict[str, dict], grid: dict[str, list], cli_grids: dict[str | None, dict],
                 fixed_keys: set[str], seeds: list[int]) -> list[Combo]:
     """Every optimizer × its grid points × seed. Precedence per key: recipe grid < recipe per-optimizer
@@ -530,7 +542,7 @@ def make_plan(args: argparse.Namespace, rest: list[str]) -> tuple[dict, Path]:
     if both:
         raise UserError(f"{', '.join(both)} given both as --grid and as a fixed --KEY flag: give one")
     recipe_set = [(k, to_cli(v)) for k, v in (recipe.get("set") or {}).items() if k not in fixed_keys]
-    config = args.config or recipe.get("config")
+    config = args.config or (_recipe_config(recipe["config"], recipe["_path"]) if recipe.get("config") else None)
     passthrough = (["--config", str(config)] if config else []) + \
         [x for k, v in recipe_set for x in (f"--{k}", v)] + flags
     combos = plan_combos(optimizers, recipe.get("grid") or {}, cli_grids, fixed_keys, seeds)

@@ -118,6 +118,19 @@ def test_recipes_cover_the_paper_figures():
             *(f"fig{i}" for i in range(9, 16))} <= names
 
 
+@pytest.mark.parametrize("recipe", ["fig7b", "fig15"])
+def test_nmt_recipes_run_the_table8_config_from_any_directory(recipe, tmp_path, monkeypatch):
+    """Figures 7b/15 at paper scale: every run gets configs/nmt_iwslt15.yaml (the Table 8 model on real
+    IWSLT'15), not the synthetic CPU demo of configs/nmt.yaml -- also when compare runs elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    plan, _ = _plan(["--recipe", recipe, "--out", str(tmp_path / recipe)])
+    i = plan["passthrough"].index("--config")
+    assert Path(plan["passthrough"][i + 1]) == ROOT / "configs" / "nmt_iwslt15.yaml"
+    # --config on the command line still wins
+    plan, _ = _plan(["--recipe", recipe, "--out", str(tmp_path / "b"), "--config", "mine.yaml"])
+    assert plan["passthrough"][:2] == ["--config", "mine.yaml"]
+
+
 def test_run_state(tmp_path):
     combo = {"name": "adam__seed0", "run_dir": "runs/adam__seed0/t/adam/adam__seed0"}
     run_dir = tmp_path / combo["run_dir"]
