@@ -1,7 +1,8 @@
 """The run directory's bookkeeping for `python -m adashift_pl.train`.
 
 RunCallback: writes config.yaml and the TensorBoard hparams once, prints plain progress
-lines when stdout is not a terminal, tracks the best monitored metric and divergence,
+lines when stdout is not a terminal, tracks the best monitored metric and divergence
+(see `DIVERGE_FACTOR`),
 stops cleanly on SIGINT, saves checkpoints/last.ckpt at the end of training and on
 SIGTERM, stores the resolved config inside every checkpoint (so --resume can check the
 hyper-parameters), and builds summary.json. AtomicCheckpointIO: every checkpoint is
@@ -38,6 +39,13 @@ def _read_umask() -> int:
     os.umask(mask)
     return mask
 
+
+# A run has diverged when a logged loss (a metric whose name ends in "loss") is non-finite, or
+# when its magnitude exceeds DIVERGE_FACTOR times that loss's first logged magnitude (floored
+# at 1, so a loss that starts near 0 -- the counterexamples' -- is not flagged for ordinary
+# growth). An exploded loss stays finite long before it overflows: non-AdaShift on mnist_mlp
+# at Table 6's settings went from ~2.3 to ~3e10 with no inf/NaN.
+DIVERGE_FACTOR = 1e4
 
 _FILE_MODE = 0o666 & ~_read_umask()  # what open() would give; mkstemp makes 0600 files
 
@@ -122,6 +130,8 @@ class RunCallback(Callback):
         self.interrupted: str | None = None  # "SIGINT" / "SIGTERM" once a signal arrived
         self.best: dict | None = None
         self.diverged = False
+        self.diverged_reason: str | None = None
+        self.loss_reference: dict[str, float] = {}  # first finite |value| of each loss metric
         self.fit_metrics: dict = {}  # callback_metrics at the end of fit (trainer.test replaces them)
         self.prior_seconds = 0.0  # wall seconds of earlier sessions of this run (restored on resume)
         self._t0 = time.time()
@@ -132,12 +142,15 @@ class RunCallback(Callback):
 
     # ---- state across --resume -------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"best": self.best, "diverged": self.diverged,
+        return {"best": self.best, "diverged": self.diverged, "diverged_reason": self.diverged_reason,
+                "loss_reference": dict(self.loss_reference),
                 "wall_seconds": self.prior_seconds + (time.time() - self._t0)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict.get("best")
         self.diverged = bool(state_dict.get("diverged", False))
+        self.diverged_reason = state_dict.get("diverged_reason")
+        self.loss_reference = {str(k): float(v) for k, v in (state_dict.get("loss_reference") or {}).items()}
         self.prior_seconds = float(state_dict.get("wall_seconds", 0.0))
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -193,6 +206,10 @@ class RunCallback(Callback):
         if self.interrupted:
             trainer.should_stop = True
         step = trainer.global_step
+        if not self.loss_reference:
+            # Until a loss has been logged, look every step: the divergence reference is the
+            # *first* logged loss, not the one at the first progress line (already exploded).
+            self._check_finite(trainer)
         every = self._print_every(trainer)
         if step % every == 0 and step != self._last_print_step:
             self._last_print_step = step
@@ -219,9 +236,22 @@ class RunCallback(Callback):
               f"({rate:.0f} steps/s) {shown}", flush=True)
 
     def _check_finite(self, trainer) -> None:
-        for k, v in trainer.callback_metrics.items():
-            if k.endswith("loss") and (s := _scalar(v)) is not None and not math.isfinite(s):
+        self.check_losses({k: _scalar(v) for k, v in trainer.callback_metrics.items() if k.endswith("loss")},
+                          trainer.global_step)
+
+    def check_losses(self, losses: dict[str, float | None], step: int) -> None:
+        """Flag divergence (see DIVERGE_FACTOR); the first finite value of each loss is its reference."""
+        for k, v in losses.items():
+            if v is None or self.diverged:
+                continue
+            if not math.isfinite(v):
+                self.diverged, self.diverged_reason = True, f"{k} = {v} at step {step}"
+                continue
+            ref = self.loss_reference.setdefault(k, abs(v))
+            if abs(v) > DIVERGE_FACTOR * max(ref, 1.0):
                 self.diverged = True
+                self.diverged_reason = (f"{k} = {v:.6g} at step {step}, over {DIVERGE_FACTOR:g}x its first "
+                                        f"logged magnitude {ref:.6g}")
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -255,9 +285,7 @@ class RunCallback(Callback):
             s = _scalar(v)
             if s is not None:
                 final[k] = s
-        for k, v in final.items():
-            if k.endswith("loss") and not math.isfinite(v):
-                self.diverged = True
+        self.check_losses({k: v for k, v in final.items() if k.endswith("loss")}, int(trainer.global_step))
         last = self.run_dir / "checkpoints" / "last.ckpt"
         extra = {}
         if hasattr(module, "summary_extra"):
@@ -268,6 +296,7 @@ class RunCallback(Callback):
         return {
             "task": task, "optimizer": optimizer, "run_name": run_name, "run_dir": str(self.run_dir),
             "seed": seed, "data_source": data_source, "status": status, "diverged": self.diverged,
+            "diverged_reason": self.diverged_reason,
             "global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch),
             "wall_seconds": round(self.prior_seconds + session_seconds, 3),
             "hparams": {k: self.config.get(k) for k in ("optimizer", "model", "data", "trainer")},

@@ -105,13 +105,29 @@ def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
+def user_message(e: BaseException) -> str:
+    """The one line to print for a UserError.
+
+    A UserError raised inside a DataLoader worker reaches us re-raised by torch with the
+    worker's whole traceback as its message ("Caught UserError in DataLoader worker process 0.
+    Original Traceback (most recent call last): ... adashift_pl.errors.UserError: MESSAGE"):
+    only its last line, without the exception's name, is meant for the user.
+    """
+    text = str(e)
+    if "Original Traceback" in text:
+        lines = [line for line in text.splitlines() if line.strip()]
+        if lines:
+            text = re.sub(r"^\s*(?:[\w.]+\.)?UserError:\s*", "", lines[-1])
+    return _one_line(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code (0 ok, 2 user error, 130/143 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _run(argv)
     except UserError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
         return 2
 
 
@@ -421,14 +437,9 @@ def _run(argv: list[str]) -> int:
 
 
 def _fit(args, argv, cfg, task_module, run_dir: Path, run_name: str, log_dir: Path, resume_ckpt: Path | None) -> int:
-    import lightning
+    """_fit_inner with the config's torch thread count, restored afterwards."""
     import torch
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
 
-    from adashift_pl.run import AtomicCheckpointIO, RunCallback, git_commit
-
-    task_name, optimizer_name = cfg["task"], cfg["optimizer"]["name"]
     threads_before = torch.get_num_threads()
     if cfg.get("num_threads"):
         # Tiny tensors (the data-free tasks): intra-op threads only add synchronisation, and on a
@@ -442,7 +453,6 @@ def _fit(args, argv, cfg, task_module, run_dir: Path, run_name: str, log_dir: Pa
 
 def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt) -> int:
     import lightning
-    import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -540,7 +550,7 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
             if status != "failed":
                 _print_summary(summary)
                 print(str(run_dir), flush=True)
-    return code if trainer.global_rank == 0 else (0 if code == 0 else code)
+    return code
 
 
 def _has_test_split(module, datamodule) -> bool:

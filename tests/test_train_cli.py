@@ -222,3 +222,72 @@ def test_completed_run_is_tested_on_the_test_split(tmp_path, capsys, test_flag):
     metrics = summary["final_metrics"]
     assert "train/loss" in metrics
     assert ("test/acc" in metrics) == (test_flag == "true")
+
+
+def test_exploded_but_finite_loss_is_flagged(tmp_path, capsys):
+    """SGD at lr 0.4 on the quadratic: train/loss ~3.7e9 after 7 steps, still finite."""
+    assert run(tmp_path, "--task", "quadratic", "--optimizer", "sgd", "--optimizer.lr", "0.4",
+               "--trainer.max_steps", "7", "--data.steps_per_epoch", "10", *FAST) == 0
+    s = json.loads((Path(last_line(capsys)) / "summary.json").read_text())
+    loss = s["final_metrics"]["train/loss"]
+    assert isinstance(loss, float) and loss > 1e6  # finite: the old non-finite-only rule missed it
+    assert s["diverged"] is True and "train/loss" in s["diverged_reason"]
+
+
+def test_divergence_rule_and_its_state():
+    from adashift_pl.run import DIVERGE_FACTOR, RunCallback
+
+    def cb():
+        return RunCallback(run_dir=Path("unused"), config={}, hparams={}, monitor=None, ckpt_key="k",
+                           interactive=False)
+
+    a = cb()
+    a.check_losses({"train/loss": 2.3}, 1)
+    a.check_losses({"train/loss": 2.3 * DIVERGE_FACTOR * 0.99, "val/loss": None}, 2)
+    assert not a.diverged and a.diverged_reason is None  # below the factor
+    b = cb()  # the reference survives resume: a fresh callback loaded from the state flags the jump
+    b.load_state_dict(a.state_dict())
+    b.check_losses({"train/loss": 2.3 * DIVERGE_FACTOR * 1.01}, 3)
+    assert b.diverged and "step 3" in b.diverged_reason
+    c = cb()  # a loss that starts at ~0 (the counterexamples) is judged against a floor of 1
+    c.check_losses({"train/loss": 0.0}, 1)
+    c.check_losses({"train/loss": -0.5 * DIVERGE_FACTOR}, 2)
+    assert not c.diverged
+    c.check_losses({"train/loss": -2.0 * DIVERGE_FACTOR}, 3)
+    assert c.diverged
+    d = cb()
+    d.check_losses({"val/loss": float("nan")}, 4)
+    assert d.diverged and "nan" in d.diverged_reason
+    assert RunCallback.load_state_dict(cb(), {"best": None, "diverged": False, "wall_seconds": 1.0}) is None  # old ckpts
+
+
+class _RaisesUserError(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        from adashift_pl.errors import UserError
+
+        raise UserError("data dir nowhere: allowed is an existing directory")
+
+
+def _worker_error():
+    from adashift_pl.errors import UserError
+
+    loader = torch.utils.data.DataLoader(_RaisesUserError(), num_workers=1)
+    with pytest.raises(UserError) as info:
+        next(iter(loader))
+    assert "Original Traceback" in str(info.value)  # what torch re-raises: the worker's traceback
+    return info.value
+
+
+def test_user_error_from_a_dataloader_worker_prints_its_last_line(monkeypatch, capsys):
+    err = _worker_error()
+    assert train.user_message(err) == "data dir nowhere: allowed is an existing directory"
+
+    def fail(argv):
+        raise err
+
+    monkeypatch.setattr(train, "_run", fail)
+    assert train.main([]) == 2
+    assert capsys.readouterr().err == "error: data dir nowhere: allowed is an existing directory\n"
