@@ -274,21 +274,46 @@ def format_value(v) -> str:
     return str(v)
 
 
+def _event_file_order(path: Path) -> tuple:
+    """events.out.tfevents.<unix time>.<host>.<pid>.<n>: the order the processes wrote them in."""
+    parts = path.name.split(".")
+    try:
+        return (float(parts[3]), path.name)
+    except (IndexError, ValueError):
+        return (math.inf, path.name)
+
+
 def read_scalars(run_dir: Path) -> dict[str, Scalar]:
     """All scalar series in the run directory's TensorBoard event files, by tag.
 
-    A resumed run has several event files; a step logged twice keeps its last value."""
+    A resumed run has several event files (one per process); a step logged twice keeps its
+    last value. Wall times are *training* time: the pause between one process's last logged
+    point and the next (resumed) process's first one -- the run sat interrupted -- is
+    subtracted, so time-to-target does not count the hours a job waited in a queue."""
     from tensorboard.backend.event_processing import event_accumulator as ea
 
-    if not run_dir.is_dir() or not any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir()):
+    if not run_dir.is_dir():
         return {}
-    acc = ea.EventAccumulator(str(run_dir), size_guidance={ea.SCALARS: 0})
-    acc.Reload()
+    files = sorted((p for p in run_dir.iterdir() if p.name.startswith("events.out.tfevents") and p.is_file()),
+                   key=_event_file_order)
+    by_tag: dict[str, dict[int, tuple[float, float]]] = {}
+    paused, last_wall = 0.0, None
+    for f in files:
+        acc = ea.EventAccumulator(str(f), size_guidance={ea.SCALARS: 0})
+        acc.Reload()
+        events = {tag: acc.Scalars(tag) for tag in acc.Tags().get("scalars", [])}
+        walls = [e.wall_time for es in events.values() for e in es]
+        if not walls:
+            continue
+        if last_wall is not None and min(walls) > last_wall:
+            paused += min(walls) - last_wall
+        last_wall = max(max(walls), last_wall if last_wall is not None else -math.inf)
+        for tag, es in events.items():
+            series = by_tag.setdefault(tag, {})
+            for e in es:
+                series[int(e.step)] = (float(e.value), float(e.wall_time) - paused)
     out = {}
-    for tag in acc.Tags().get("scalars", []):
-        by_step: dict[int, tuple[float, float]] = {}
-        for e in acc.Scalars(tag):
-            by_step[int(e.step)] = (float(e.value), float(e.wall_time))
+    for tag, by_step in by_tag.items():
         steps = np.array(sorted(by_step), dtype=np.int64)
         out[tag] = Scalar(steps, np.array([by_step[s][0] for s in steps]),
                           np.array([by_step[s][1] for s in steps]))
@@ -880,7 +905,7 @@ def _target_sections(a: Analysis) -> tuple[list[str], dict]:
                          fmt(med_secs, 3) if got else "never", per_seed])
         lines += [f"## Steps and time to target {tmetric} {'≥' if tmode == 'max' else '≤'} {tvalue:g}", "",
                   "First logged step reaching the target (AlgoPerf's time-to-result); time is wall clock from "
-                  "the run's first logged point (it includes any pause between an interruption and its resume). "
+                  "the run's first logged point, without the pause between an interruption and its resume. "
                   "A run that never reaches the target, diverges, or fails is a miss; an interrupted run "
                   "(—) is not counted yet.", ""]
         lines += _table(["optimizer", "reached", "median steps", "median seconds", "steps per seed"], rows)

@@ -98,6 +98,28 @@ def test_aggregate_curves_interpolates_and_skips_nonfinite():
     assert mean[2] == pytest.approx(3.0)  # b's NaN left out of the mean
 
 
+def test_time_to_target_leaves_out_the_pause_of_a_resumed_run(tmp_path):
+    """A run interrupted at step 40 and resumed (from its step-30 checkpoint) an hour later writes a
+    second event file; time-to-target counts training time, not the hour the run sat waiting."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    segments = [(1000.0, [(0, 0.1), (10, 0.2), (20, 0.3), (30, 0.4), (40, 0.5)]),
+                (5000.0, [(30, 0.4), (40, 0.5), (50, 0.6), (60, 0.7)])]
+    for k, (t0, points) in enumerate(segments):
+        writer = SummaryWriter(log_dir=str(tmp_path / f"w{k}"))
+        for i, (step, value) in enumerate(points):
+            writer.add_scalar("val/acc", value, global_step=step, walltime=t0 + i)
+        writer.close()
+        (event,) = (tmp_path / f"w{k}").glob("events.out.tfevents.*")
+        event.rename(tmp_path / f"events.out.tfevents.{int(t0)}.host.{k}.0")  # the process start time
+    s = R.read_scalars(tmp_path)["val/acc"]
+    assert s.steps.tolist() == [0, 10, 20, 30, 40, 50, 60]
+    assert s.values.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    # the resumed process's first point follows the interrupted one's last point directly
+    assert s.wall_times.tolist() == pytest.approx([1000, 1001, 1002, 1004, 1005, 1006, 1007])
+    assert R.time_to_target(s.steps, s.values, s.wall_times, 0.65, "max") == (60, pytest.approx(7.0))
+
+
 # --------------------------------------------------------------------------- fabricated sweep
 
 
