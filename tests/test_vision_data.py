@@ -188,6 +188,21 @@ def test_mnist_idx_gz_loads_through_torchvision(tmp_path):
     assert paper_style.val_set is paper_style.test_set and len(paper_style.train_set) == 30
 
 
+def test_mnist_unpacking_uses_a_private_temporary_file(tmp_path):
+    """Two runs of a sweep unpacking the same .gz at once must not share one temporary file: a
+    `train-images-idx3-ubyte.part` that is not ours is neither overwritten nor moved into place."""
+    write_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    theirs = raw / "train-images-idx3-ubyte.part"
+    theirs.write_bytes(b"another process's half-written file")
+    dm = MNISTDataModule(dir=str(tmp_path), source="real", val_size=5)
+    dm.prepare_data()
+    assert theirs.read_bytes() == b"another process's half-written file"
+    dm.setup("fit")
+    assert len(dm.train_set) == 25
+    assert sorted(p.name for p in raw.iterdir() if p.name.endswith(".part")) == [theirs.name]
+
+
 def test_mnist_corrupt_files_are_named(tmp_path):
     write_mnist(tmp_path)
     raw = tmp_path / "MNIST" / "raw"

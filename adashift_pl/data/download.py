@@ -33,7 +33,7 @@ from pathlib import Path
 
 from adashift_pl.errors import UserError
 
-__all__ = ["download_url", "extract_archive", "file_digest", "check_file"]
+__all__ = ["download_url", "extract_archive", "file_digest", "check_file", "temporary_sibling"]
 
 _CHUNK = 1 << 20  # 1 MiB per read: large enough to be fast, small enough for progress
 
@@ -60,6 +60,16 @@ def check_file(path: str | os.PathLike, *, sha256: str | None = None, md5: str |
             )
 
 
+def temporary_sibling(dest: Path) -> Path:
+    """A fresh `.<name>.<random>.part` path beside `dest` (same file system, so `os.replace` is atomic).
+
+    Unique per call: `dest.with_suffix(".part")` would make train.en and train.vi share
+    train.part, and two processes (jobs of a sweep, nodes sharing a data directory) fetching or
+    unpacking the same file would write into one. A random name rather than mkstemp, so the
+    file gets the umask's permissions (mkstemp's are 0600)."""
+    return dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.part")
+
+
 def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, *,
                  md5: str | None = None, progress: bool = True, timeout: float = 60.0) -> Path:
     """Fetch `url` to `dest` atomically and verify it; return `dest`.
@@ -74,10 +84,7 @@ def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, *
         check_file(dest, sha256=sha256, md5=md5)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name per call: dest.with_suffix(".part") would make train.en and train.vi share
-    # train.part, and two nodes downloading into one shared directory would write one file.
-    # (A random name rather than mkstemp: the file keeps the umask's permissions, not 0600.)
-    part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.part")
+    part = temporary_sibling(dest)
     hashers = {name: hashlib.new(name) for name, want in (("sha256", sha256), ("md5", md5)) if want}
     try:
         try:

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from adashift_pl.data.download import check_file, download_url, extract_archive
+from adashift_pl.data.download import check_file, download_url, extract_archive, temporary_sibling
 from adashift_pl.data.source import resolve_source
 from adashift_pl.errors import UserError
 
@@ -400,7 +400,7 @@ class MNISTDataModule(_ImageDataModule):
 
 
 def _gunzip(src: Path, dest: Path) -> None:
-    part = dest.with_suffix(".part")
+    part = temporary_sibling(dest)  # private to this process: concurrent runs may unpack the same file
     try:
         with gzip.open(src, "rb") as fin, open(part, "wb") as fout:
             shutil.copyfileobj(fin, fout)
