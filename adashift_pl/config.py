@@ -52,6 +52,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
             cfg = yaml.load(f, Loader=_Loader) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, or not a text file
+        raise UserError(f"cannot read config file {path}: {' '.join(str(e).split())}") from None
     if not isinstance(cfg, dict):
         raise UserError(f"config file {path} must hold a mapping (task:, model:, data:, ...), got {type(cfg).__name__}")
     return cfg

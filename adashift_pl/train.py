@@ -203,6 +203,20 @@ def check_trainer_section(trainer: dict) -> None:
                         f"({', '.join(sorted(allowed))})")
 
 
+def check_checkpoint_section(ck: dict) -> None:
+    """checkpoint.keep: an integer >= -1 (-1 keeps all); every_n_train_steps: null or >= 1;
+    every_n_epochs: null or >= 0 (0: none by epoch)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, low, nullable, what in (("keep", -1, False, "an integer >= -1 (-1 keeps every periodic checkpoint)"),
+                                     ("every_n_train_steps", 1, True, "null or an integer >= 1"),
+                                     ("every_n_epochs", 0, True, "null or an integer >= 0")):
+        v = ck.get(key)
+        if not ((v is None and nullable) or (is_int(v) and v >= low)):
+            raise UserError(f"invalid checkpoint.{key} {v!r}: allowed is {what}")
+
+
 def check_strategy(trainer: dict, optimizer: dict) -> None:
     """Refuse sharding strategies when phi reduces over a block (it would reduce over a shard)."""
     strategy = str(trainer.get("strategy", "auto")).lower()
@@ -227,19 +241,67 @@ def _unexpected_kwarg(e: TypeError) -> str | None:
     return m.group(1) if m else None
 
 
-def _init_keys(task_module, base) -> list[str]:
-    """Constructor arguments of the task module's LightningModule/DataModule classes (for error messages)."""
-    keys: set[str] = set()
+def _init_params(task_module, base) -> dict[str, list[inspect.Parameter]]:
+    """Constructor parameters of the task module's LightningModule/DataModule classes, by name."""
+    params: dict[str, list[inspect.Parameter]] = {}
     for obj in vars(task_module).values():
         if inspect.isclass(obj) and issubclass(obj, base) and obj is not base:
-            keys |= {k for k, p in inspect.signature(obj.__init__).parameters.items()
-                     if k not in ("self", "optimizer", "seed") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    return sorted(keys)
+            for k, p in inspect.signature(obj.__init__).parameters.items():
+                if k not in ("self", "optimizer", "seed") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    params.setdefault(k, []).append(p)
+    return params
+
+
+def _init_keys(task_module, base) -> list[str]:
+    """Constructor arguments of the task module's LightningModule/DataModule classes (for error messages)."""
+    return sorted(_init_params(task_module, base))
+
+
+# Annotation words the type check understands; an annotation with any other word is not checked.
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "None": "null"}
+
+
+def _value_fits(value, words: set[str]) -> bool:
+    if value is None:
+        return "None" in words
+    if isinstance(value, bool):
+        return "bool" in words
+    if isinstance(value, int):
+        return "int" in words or "float" in words
+    if isinstance(value, float):  # 1e4 is a float to YAML: fine where an integer is meant
+        return "float" in words or ("int" in words and value.is_integer())
+    if isinstance(value, str):
+        return "str" in words
+    return False
+
+
+def check_task_values(task_name: str, task_module, cfg: dict) -> None:
+    """A model/data value of the wrong type (`--model.cond abc`) -> UserError, judged by the
+    constructor's annotation (int, float, bool, str, None and unions of them; others are not checked)."""
+    import lightning
+
+    for section, base in (("model", lightning.LightningModule), ("data", lightning.LightningDataModule)):
+        params = _init_params(task_module, base)
+        for key, value in cfg[section].items():
+            allowed = []
+            for p in params.get(key, []):
+                ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", None)
+                words = set(re.findall(r"\w+", ann or "")) if ann else set()
+                if not words or not words <= set(_TYPE_WORDS):
+                    allowed = None  # an annotation we do not judge: accept
+                    break
+                if _value_fits(value, words):
+                    allowed = None
+                    break
+                allowed.append(" or ".join(_TYPE_WORDS[w] for w in _TYPE_WORDS if w in words))
+            if allowed:
+                raise UserError(f"invalid {section}.{key} {value!r} for task {task_name}: allowed is {allowed[0]}")
 
 
 def build_task(task_name: str, task_module, cfg: dict):
     import lightning
 
+    check_task_values(task_name, task_module, cfg)
     try:
         return task_module.build(model=dict(cfg["model"]), data=dict(cfg["data"]),
                                  optimizer=dict(cfg["optimizer"]), seed=int(cfg["seed"]))
@@ -247,10 +309,14 @@ def build_task(task_name: str, task_module, cfg: dict):
         key = _unexpected_kwarg(e)
         if key is None:
             raise
-        if key in cfg["model"]:
-            section, allowed = "model", _init_keys(task_module, lightning.LightningModule)
-        elif key in cfg["data"]:
-            section, allowed = "data", _init_keys(task_module, lightning.LightningDataModule)
+        # The same key may be valid in one section and not in the other (quadratic's batch_size
+        # is a model key): blame the section where it is not a constructor argument.
+        model_keys = _init_keys(task_module, lightning.LightningModule)
+        data_keys = _init_keys(task_module, lightning.LightningDataModule)
+        if key in cfg["data"] and key not in data_keys:
+            section, allowed = "data", data_keys
+        elif key in cfg["model"] and key not in model_keys:
+            section, allowed = "model", model_keys
         else:
             raise
         raise UserError(f"unknown {section} key {key!r} for task {task_name}: allowed are "
@@ -396,6 +462,7 @@ def _run(argv: list[str]) -> int:
     if bad:
         raise UserError(f"unknown checkpoint key(s) {', '.join(bad)}: allowed are "
                         f"{', '.join(DEFAULTS['checkpoint'])}")
+    check_checkpoint_section(cfg["checkpoint"])
     check_strategy(cfg["trainer"], cfg["optimizer"])
     if saved_cfg is not None:
         diffs = hparam_differences(saved_cfg, cfg)

@@ -95,12 +95,35 @@ def test_list(capsys):
     (["--task", "quadratic", "--optimizer", "adam", "--model.lr_schedule", "cosine"], "invalid model.lr_schedule"),
     (["--task", "counterexample", "--optimizer", "adashift", "--optimizer.spatial_block", "tensor",
       "--trainer.max_steps", "2"], "would couple them"),
+    # values of the wrong type, judged by the task constructors' annotations (were tracebacks)
+    (["--task", "quadratic", "--optimizer", "adam", "--model.cond", "abc"], "invalid model.cond 'abc'"),
+    (["--task", "quadratic", "--optimizer", "adam", "--model.batch_size", "2.5"], "allowed is an integer"),
+    (["--task", "quadratic", "--optimizer", "adam", "--data.steps_per_epoch", "x"], "invalid data.steps_per_epoch"),
+    (["--task", "counterexample", "--optimizer", "adam", "--model.C", "abc"], "invalid model.C 'abc'"),
+    # a key valid in one section but given in the other is blamed on the section it was given in
+    (["--task", "quadratic", "--optimizer", "adam", "--data.batch_size", "8"], "unknown data key 'batch_size'"),
+    (["--task", "quadratic", "--optimizer", "adam", "--checkpoint.keep", "x"], "invalid checkpoint.keep 'x'"),
+    (["--task", "quadratic", "--optimizer", "adam", "--checkpoint.every_n_train_steps", "-1"],
+     "invalid checkpoint.every_n_train_steps -1"),
 ])
 def test_user_errors(tmp_path, capsys, argv, needle):
     assert run(tmp_path, *argv, *FAST) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and needle in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+def test_unreadable_config_file_is_a_user_error(tmp_path, capsys):
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    assert run(tmp_path, "--task", "quadratic", "--optimizer", "adam", "--config", str(bad)) == 2
+    assert capsys.readouterr().err.startswith("error: cannot read config file")
+
+
+def test_integral_float_accepted_where_an_integer_is_meant(tmp_path, capsys):
+    """YAML reads 1e1 as a float; the type check lets it through for an int argument."""
+    assert run(tmp_path, "--task", "quadratic", "--optimizer", "adam", "--model.dim", "1e1",
+               "--trainer.max_steps", "1", *FAST) == 0
 
 
 def test_user_error_exit_code_in_a_subprocess(tmp_path):
