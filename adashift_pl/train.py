@@ -178,11 +178,34 @@ def resolve_optimizer(name: str, block: dict | None, cli: dict) -> dict:
         raise UserError(f"config optimizer.{name} must be a mapping of hyper-parameters, got {block!r}")
     hp = merge(plain(dict(OPTIMIZERS[key].defaults)), merge(block or {}, cli))
     hp.pop("name", None)
+    _check_optimizer_types(name, OPTIMIZERS[key], hp)
     try:
         build_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], **hp)
     except (ValueError, TypeError) as e:
         raise UserError(f"invalid optimizer setting for {name!r}: {_one_line(e)}") from None
     return {"name": name, **hp}
+
+
+def _check_optimizer_types(name: str, info, hp: dict) -> None:
+    """A value whose type does not match the constructor default's (`--optimizer.lr abc`) -> UserError
+    naming the key; torch.optim's own classes would fail on it with a bare comparison TypeError."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    params = inspect.signature(info.cls.__init__).parameters
+    for k, v in hp.items():
+        default = info.defaults.get(k, params[k].default if k in params else None)
+        if isinstance(default, bool):
+            ok, what = isinstance(v, bool), "true or false"
+        elif number(default):
+            ok, what = number(v), "a number"
+        elif isinstance(default, tuple) and all(number(d) for d in default):
+            ok = isinstance(v, (list, tuple)) and len(v) == len(default) and all(number(x) for x in v)
+            what = f"a list of {len(default)} numbers, e.g. {list(default)}"
+        else:
+            continue
+        if not ok:
+            raise UserError(f"invalid optimizer.{k} {v!r} for {name!r}: allowed is {what}")
 
 
 def _trainer_keys() -> set[str]:

@@ -348,6 +348,13 @@ def test_memory_is_window_buffers_plus_one_for_max():
     (dict(weight_decay=-0.1), "weight_decay.*-0.1"),
     (dict(spatial_op="min"), "spatial_op.*'min'.*max, mean, none"),
     (dict(spatial_block="col"), "spatial_block.*'col'"),
+    # wrong types (e.g. a YAML string) are ValueErrors naming the parameter, not TypeErrors from a comparison
+    (dict(lr="abc"), "learning rate.*'abc'"),
+    (dict(betas=(0.9, "x")), "betas.*'x'"),
+    (dict(betas=(True, 0.9)), "betas.*True"),
+    (dict(eps="a"), "epsilon.*'a'"),
+    (dict(weight_decay=None), "weight_decay.*None"),
+    (dict(maximize="yes"), "maximize.*'yes'"),
 ])
 def test_bad_hyper_parameters_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -103,6 +103,10 @@ def test_list(capsys):
     # a key valid in one section but given in the other is blamed on the section it was given in
     (["--task", "quadratic", "--optimizer", "adam", "--data.batch_size", "8"], "unknown data key 'batch_size'"),
     (["--task", "quadratic", "--optimizer", "adam", "--checkpoint.keep", "x"], "invalid checkpoint.keep 'x'"),
+    (["--task", "quadratic", "--optimizer", "adam", "--optimizer.lr", "abc"], "invalid optimizer.lr 'abc'"),
+    (["--task", "quadratic", "--optimizer", "adam", "--optimizer.betas", "abc"], "invalid optimizer.betas 'abc'"),
+    (["--task", "quadratic", "--optimizer", "sgd", "--optimizer.nesterov", "maybe"], "invalid optimizer.nesterov"),
+    (["--task", "quadratic", "--optimizer", "adashift", "--optimizer.eps", "x"], "Invalid epsilon value: 'x'"),
     (["--task", "quadratic", "--optimizer", "adam", "--checkpoint.every_n_train_steps", "-1"],
      "invalid checkpoint.every_n_train_steps -1"),
 ])

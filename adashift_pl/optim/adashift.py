@@ -64,11 +64,24 @@ SPATIAL_BLOCKS = ("tensor", "row")
 _RESYNC_EVERY = 1000
 
 
-def _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_max):
-    if not (isinstance(lr, (int, float, Tensor)) and lr >= 0.0):
-        raise ValueError(f"Invalid learning rate: {lr} (allowed: lr >= 0)")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r} (allowed: a pair (beta1, beta2))")
+def _is_real(x) -> bool:
+    """A real number (a 1-element tensor counts; a bool or a string does not)."""
+    if isinstance(x, Tensor):
+        return x.numel() == 1 and not x.is_complex()
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_max, maximize=False):
+    if not (_is_real(lr) and lr >= 0.0):
+        raise ValueError(f"Invalid learning rate: {lr!r} (allowed: lr >= 0)")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) for b in betas)):
+        raise ValueError(f"Invalid betas: {betas!r} (allowed: a pair of numbers (beta1, beta2))")
+    if not _is_real(eps):
+        raise ValueError(f"Invalid epsilon value: {eps!r} (allowed: a number eps >= 0)")
+    if not _is_real(weight_decay):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (allowed: a number weight_decay >= 0)")
+    if not isinstance(maximize, bool):
+        raise ValueError(f"Invalid maximize value: {maximize!r} (allowed: True, False)")
     if not 0.0 <= betas[0] <= beta1_max or (beta1_max < 1.0 and betas[0] == beta1_max):
         allowed = "0 <= beta1 <= 1" if beta1_max == 1.0 else "0 <= beta1 < 1"
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (allowed: {allowed})")
@@ -145,7 +158,7 @@ class AdaShift(Optimizer):
         spatial_block: str = "tensor",
         foreach: bool | None = None,
     ):
-        _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_max=1.0)
+        _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_max=1.0, maximize=maximize)
         _check_window(keep_num, window)
         if foreach not in (None, True, False):
             raise ValueError(f"Invalid foreach value: {foreach!r} (allowed: None, True, False)")
@@ -159,7 +172,8 @@ class AdaShift(Optimizer):
         super().add_param_group(param_group)
         g = self.param_groups[-1]
         g["betas"] = tuple(g["betas"])
-        _check_common(g["lr"], g["betas"], g["eps"], g["weight_decay"], g["spatial_op"], g["spatial_block"], 1.0)
+        _check_common(g["lr"], g["betas"], g["eps"], g["weight_decay"], g["spatial_op"], g["spatial_block"], 1.0,
+                      g["maximize"])
         _check_window(g["keep_num"], g["window"])
 
     def __setstate__(self, state: dict) -> None:
@@ -327,7 +341,8 @@ class AdaShiftSpatial(Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
                  spatial_op: str = "max", eps: float = 1e-10, weight_decay: float = 0.0,
                  maximize: bool = False, spatial_block: str = "tensor"):
-        _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_max=0.999999999)
+        _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_max=0.999999999,
+                      maximize=maximize)
         defaults = dict(lr=lr, betas=tuple(betas), spatial_op=spatial_op, spatial_block=spatial_block,
                         eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
