@@ -106,7 +106,7 @@ def test_list(capsys):
     (["--task", "quadratic", "--optimizer", "adam", "--optimizer.lr", "abc"], "invalid optimizer.lr 'abc'"),
     (["--task", "quadratic", "--optimizer", "adam", "--optimizer.betas", "abc"], "invalid optimizer.betas 'abc'"),
     (["--task", "quadratic", "--optimizer", "sgd", "--optimizer.nesterov", "maybe"], "invalid optimizer.nesterov"),
-    (["--task", "quadratic", "--optimizer", "adashift", "--optimizer.eps", "x"], "Invalid epsilon value: 'x'"),
+    (["--task", "quadratic", "--optimizer", "adashift", "--optimizer.eps", "x"], "invalid optimizer.eps 'x'"),
     (["--task", "quadratic", "--optimizer", "adam", "--checkpoint.every_n_train_steps", "-1"],
      "invalid checkpoint.every_n_train_steps -1"),
 ])
