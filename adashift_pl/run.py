@@ -50,19 +50,18 @@ DIVERGE_FACTOR = 1e4
 _FILE_MODE = 0o666 & ~_read_umask()  # what open() would give; mkstemp makes 0600 files
 
 
-def _umask_mode() -> int:
-    return _FILE_MODE
-
-
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, write, binary: bool) -> None:
+    """write(f) into a temporary file beside `path`, fsync, then os.replace it into place: a crash
+    leaves either the old file or the new one, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -70,24 +69,15 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), binary=False)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to `<name>.tmp` in the same directory, fsync, then os.replace into place."""
+    """torch.save to a temporary file in the same directory, fsync, then os.replace into place."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, _umask_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(Path(path), lambda f: torch.save(checkpoint, f), binary=True)
 
 
 def git_commit() -> str | None:

@@ -318,3 +318,20 @@ def test_user_error_from_a_dataloader_worker_prints_its_last_line(monkeypatch, c
     monkeypatch.setattr(train, "_run", fail)
     assert train.main([]) == 2
     assert capsys.readouterr().err == "error: data dir nowhere: allowed is an existing directory\n"
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from adashift_pl.run import AtomicCheckpointIO, atomic_write_text
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("crash while writing")
+
+    ckpt = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, ckpt)
+    with pytest.raises(RuntimeError, match="crash while writing"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "bad": Unpicklable()}, ckpt)
+    assert torch.load(ckpt, weights_only=True) == {"step": 1}
+    atomic_write_text(tmp_path / "summary.json", "{}\n")
+    assert (tmp_path / "summary.json").read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "summary.json"]
