@@ -224,6 +224,10 @@ def check_trainer_section(trainer: dict) -> None:
     if unknown:
         raise UserError(f"unknown trainer key(s) {', '.join(unknown)}: allowed are lightning.Trainer arguments "
                         f"({', '.join(sorted(allowed))})")
+    import lightning
+
+    params = inspect.signature(lightning.Trainer.__init__).parameters
+    _check_value_types("trainer", trainer, {k: [p] for k, p in params.items()}, "")
 
 
 def check_checkpoint_section(ck: dict) -> None:
@@ -298,27 +302,46 @@ def _value_fits(value, words: set[str]) -> bool:
     return False
 
 
+def _annotation_words(p: inspect.Parameter) -> set[str] | None:
+    """{'int', 'None'} for `int | None` / Optional[int]; None when the annotation is not judged
+    (missing, or naming any type besides int, float, bool, str and None)."""
+    ann = p.annotation
+    if ann is inspect.Parameter.empty:
+        return None
+    text = ann if isinstance(ann, str) else inspect.formatannotation(ann)
+    words = set(re.findall(r"\w+", text.replace("NoneType", "None")))
+    if "Optional" in words:
+        words.add("None")
+    words -= {"Optional", "Union", "typing"}
+    return words if words and words <= set(_TYPE_WORDS) else None
+
+
+def _describe(words: set[str]) -> str:
+    shown = [w for w in _TYPE_WORDS if w in words and not (w == "int" and "float" in words)]
+    return " or ".join(_TYPE_WORDS[w] for w in shown)
+
+
+def _check_value_types(section: str, values: dict, params: dict[str, list[inspect.Parameter]], where: str) -> None:
+    """A value that fits none of the annotations its key has -> UserError naming key, value and allowed."""
+    for key, value in values.items():
+        allowed = []
+        for p in params.get(key, []):
+            words = _annotation_words(p)
+            if words is None or _value_fits(value, words):
+                allowed = None  # not judged, or fits
+                break
+            allowed.append(_describe(words))
+        if allowed:
+            raise UserError(f"invalid {section}.{key} {value!r}{where}: allowed is {allowed[0]}")
+
+
 def check_task_values(task_name: str, task_module, cfg: dict) -> None:
     """A model/data value of the wrong type (`--model.cond abc`) -> UserError, judged by the
     constructor's annotation (int, float, bool, str, None and unions of them; others are not checked)."""
     import lightning
 
     for section, base in (("model", lightning.LightningModule), ("data", lightning.LightningDataModule)):
-        params = _init_params(task_module, base)
-        for key, value in cfg[section].items():
-            allowed = []
-            for p in params.get(key, []):
-                ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", None)
-                words = set(re.findall(r"\w+", ann or "")) if ann else set()
-                if not words or not words <= set(_TYPE_WORDS):
-                    allowed = None  # an annotation we do not judge: accept
-                    break
-                if _value_fits(value, words):
-                    allowed = None
-                    break
-                allowed.append(" or ".join(_TYPE_WORDS[w] for w in _TYPE_WORDS if w in words))
-            if allowed:
-                raise UserError(f"invalid {section}.{key} {value!r} for task {task_name}: allowed is {allowed[0]}")
+        _check_value_types(section, cfg[section], _init_params(task_module, base), f" for task {task_name}")
 
 
 def build_task(task_name: str, task_module, cfg: dict):
@@ -446,6 +469,9 @@ def _run(argv: list[str]) -> int:
         raise UserError(f"config {args.config} is for task {file_cfg.get('task')!r}, not {task_name!r}")
     if not args.optimizer:
         raise UserError("no optimizer given: use --optimizer NAME (see --list)")
+    if args.run_name is not None and (args.run_name in ("", ".", "..") or "/" in args.run_name
+                                      or os.sep in args.run_name):
+        raise UserError(f"invalid --run-name {args.run_name!r}: allowed is a plain directory name (no '/')")
     task_module = get_task(task_name)
 
     blocks = merge(file_cfg.get("optimizer") or {}, {})
@@ -509,6 +535,13 @@ def _run(argv: list[str]) -> int:
         inherited = os.environ.get(RUN_NAME_ENV) if _rank_from_env() > 0 else None  # a DDP worker
         run_name = args.run_name or inherited or next_version(log_dir / task_name / optimizer_name)
         run_dir = log_dir / task_name / optimizer_name / run_name
+    try:  # a --log-dir that is a file or not writable: say so now, not in a traceback from the logger
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir.parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"no write permission on {run_dir.parent}")
+    except OSError as e:
+        raise UserError(f"cannot create the run directory under {log_dir} ({_one_line(e)}): allowed is a "
+                        f"writable directory for --log-dir") from None
     if args.run_name and resume_ckpt is None and _rank_from_env() == 0 and (run_dir / "checkpoints").exists():
         raise UserError(f"run directory {run_dir} already holds a run: choose another --run-name, "
                         f"or continue it with --resume {run_dir / 'checkpoints' / 'last.ckpt'}")

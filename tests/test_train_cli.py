@@ -104,6 +104,10 @@ def test_list(capsys):
     (["--task", "quadratic", "--optimizer", "adam", "--data.batch_size", "8"], "unknown data key 'batch_size'"),
     (["--task", "quadratic", "--optimizer", "adam", "--checkpoint.keep", "x"], "invalid checkpoint.keep 'x'"),
     (["--task", "quadratic", "--optimizer", "adam", "--optimizer.lr", "abc"], "invalid optimizer.lr 'abc'"),
+    (["--task", "quadratic", "--optimizer", "adam", "--trainer.max_epochs", "abc"],
+     "invalid trainer.max_epochs 'abc': allowed is an integer or null"),
+    (["--task", "quadratic", "--optimizer", "adam", "--trainer.gradient_clip_val", "x"], "allowed is a number or null"),
+    (["--task", "quadratic", "--optimizer", "adam", "--run-name", "a/b"], "invalid --run-name 'a/b'"),
     (["--task", "quadratic", "--optimizer", "adam", "--optimizer.betas", "abc"], "invalid optimizer.betas 'abc'"),
     (["--task", "quadratic", "--optimizer", "sgd", "--optimizer.nesterov", "maybe"], "invalid optimizer.nesterov"),
     (["--task", "quadratic", "--optimizer", "adashift", "--optimizer.eps", "x"], "invalid optimizer.eps 'x'"),
@@ -122,6 +126,14 @@ def test_unreadable_config_file_is_a_user_error(tmp_path, capsys):
     bad.write_bytes(b"\xff\xfe\x00binary")
     assert run(tmp_path, "--task", "quadratic", "--optimizer", "adam", "--config", str(bad)) == 2
     assert capsys.readouterr().err.startswith("error: cannot read config file")
+
+
+def test_log_dir_that_is_a_file_is_a_user_error(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert train.main(["--log-dir", str(afile), "--task", "quadratic", "--optimizer", "adam"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot create the run directory") and len(err.splitlines()) == 1
 
 
 def test_integral_float_accepted_where_an_integer_is_meant(tmp_path, capsys):
