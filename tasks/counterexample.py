@@ -115,6 +115,8 @@ class Counterexample(L.LightningModule):
             raise UserError(f"invalid model.layout {layout!r}: allowed are {', '.join(LAYOUTS)}")
         if int(warmup_steps) < 0:
             raise UserError(f"invalid model.warmup_steps {warmup_steps!r}: allowed is an integer >= 0")
+        if not float(bound) > 0:  # clamp(-b, b) with b <= 0 would pin theta to a point
+            raise UserError(f"invalid model.bound {bound!r}: allowed is a number > 0 (the half-width of [-bound, bound])")
         self.p = (1.0 + delta) / (C + 1.0)  # probability of the C·θ branch, Eq. 7
         K = int(replicas)
         if layout == "rows":

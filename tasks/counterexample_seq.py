@@ -30,6 +30,8 @@ class CounterexampleSeq(L.LightningModule):
         self.save_hyperparameters()
         if int(d) < 2:
             raise UserError(f"invalid model.d {d!r}: allowed is an integer >= 2 (the epoch length)")
+        if not float(bound) > 0:  # clamp(-b, b) with b <= 0 would pin theta to a point
+            raise UserError(f"invalid model.bound {bound!r}: allowed is a number > 0 (the half-width of [-bound, bound])")
         self.theta = nn.Parameter(torch.tensor(float(theta0)))
 
     def gradient_at(self, step: int) -> float:

@@ -126,3 +126,12 @@ def test_quadratic_lr_schedules(kind, at_half, at_end):
     assert f(0) == 1.0
     assert f(50) == pytest.approx(at_half)
     assert f(100) == pytest.approx(at_end) and f(1000) == pytest.approx(at_end)
+
+
+@pytest.mark.parametrize("make", [lambda **kw: ce(**kw),
+                                  lambda **kw: counterexample_seq.CounterexampleSeq(optimizer={"name": "adam"}, **kw)])
+def test_projection_bound_must_be_positive(make):
+    from adashift_pl.errors import UserError
+
+    with pytest.raises(UserError, match="invalid model.bound -1"):
+        make(project=True, bound=-1.0)
