@@ -171,8 +171,13 @@ def test_config_file_and_cli_precedence(tmp_path, capsys):
 
 def test_fsdp_allowed_without_block_reduction(tmp_path):
     cfg = {"strategy": "fsdp"}
-    train.check_strategy(cfg, {"name": "non-adashift"})  # phi = none: fine
-    train.check_strategy(cfg, {"name": "adam"})
+    assert train.check_strategy(cfg, {"name": "non-adashift"}) is None  # phi = none: fine
+    assert train.check_strategy(cfg, {"name": "adam"}) is None
+    from adashift_pl.errors import UserError
+
+    for strategy, name in (("fsdp", "adashift-spatial"), ("deepspeed_stage_2", "adashift"), ("FSDP", "adashift-mean")):
+        with pytest.raises(UserError, match="shards parameters"):
+            train.check_strategy({"strategy": strategy}, {"name": name})
 
 
 # ---- a short run writes the contract's outputs -------------------------------------------------
