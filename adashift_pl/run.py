@@ -47,6 +47,11 @@ def _read_umask() -> int:
 # at Table 6's settings went from ~2.3 to ~3e10 with no inf/NaN.
 DIVERGE_FACTOR = 1e4
 
+
+def is_loss_key(name: str) -> bool:
+    """train/loss, val/expected_loss, ... and Lightning's forked train/loss_step, train/loss_epoch."""
+    return name.endswith(("loss", "loss_step", "loss_epoch"))
+
 _FILE_MODE = 0o666 & ~_read_umask()  # what open() would give; mkstemp makes 0600 files
 
 
@@ -226,7 +231,7 @@ class RunCallback(Callback):
               f"({rate:.0f} steps/s) {shown}", flush=True)
 
     def _check_finite(self, trainer) -> None:
-        self.check_losses({k: _scalar(v) for k, v in trainer.callback_metrics.items() if k.endswith("loss")},
+        self.check_losses({k: _scalar(v) for k, v in trainer.callback_metrics.items() if is_loss_key(k)},
                           trainer.global_step)
 
     def check_losses(self, losses: dict[str, float | None], step: int) -> None:
@@ -275,7 +280,7 @@ class RunCallback(Callback):
             s = _scalar(v)
             if s is not None:
                 final[k] = s
-        self.check_losses({k: v for k, v in final.items() if k.endswith("loss")}, int(trainer.global_step))
+        self.check_losses({k: v for k, v in final.items() if is_loss_key(k)}, int(trainer.global_step))
         last = self.run_dir / "checkpoints" / "last.ckpt"
         extra = {}
         if hasattr(module, "summary_extra"):

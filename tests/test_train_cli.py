@@ -299,6 +299,10 @@ def test_divergence_rule_and_its_state():
     assert not c.diverged
     c.check_losses({"train/loss": -2.0 * DIVERGE_FACTOR}, 3)
     assert c.diverged
+    from adashift_pl.run import is_loss_key
+
+    assert all(map(is_loss_key, ("train/loss", "val/expected_loss", "train/loss_step", "train/loss_epoch")))
+    assert not any(map(is_loss_key, ("val/acc", "train/grad_norm", "lossy/x")))
     d = cb()
     d.check_losses({"val/loss": float("nan")}, 4)
     assert d.diverged and "nan" in d.diverged_reason
