@@ -322,13 +322,19 @@ def _describe(words: set[str]) -> str:
 
 
 def _check_value_types(section: str, values: dict, params: dict[str, list[inspect.Parameter]], where: str) -> None:
-    """A value that fits none of the annotations its key has -> UserError naming key, value and allowed."""
-    for key, value in values.items():
+    """A value that fits none of the annotations its key has -> UserError naming key, value and allowed.
+    A number where only a string (or null) is allowed is taken as that string: YAML reads a directory
+    named 2024 as an integer."""
+    for key, value in list(values.items()):
         allowed = []
         for p in params.get(key, []):
             words = _annotation_words(p)
             if words is None or _value_fits(value, words):
                 allowed = None  # not judged, or fits
+                break
+            if "str" in words and isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[key] = str(value)
+                allowed = None
                 break
             allowed.append(_describe(words))
         if allowed:
@@ -347,7 +353,6 @@ def check_task_values(task_name: str, task_module, cfg: dict) -> None:
 def build_task(task_name: str, task_module, cfg: dict):
     import lightning
 
-    check_task_values(task_name, task_module, cfg)
     try:
         return task_module.build(model=dict(cfg["model"]), data=dict(cfg["data"]),
                                  optimizer=dict(cfg["optimizer"]), seed=int(cfg["seed"]))
@@ -507,6 +512,7 @@ def _run(argv: list[str]) -> int:
     corr_knobs = merge(corr_file or {}, cli.get("correlation", {})) if (corr_file or cli.get("correlation")) else None
     cfg["correlation"] = corr_knobs
     check_trainer_section(cfg["trainer"])
+    check_task_values(task_name, task_module, cfg)  # before the resume comparison: it may turn 2024 into "2024"
     bad = sorted(set(cfg["checkpoint"]) - set(DEFAULTS["checkpoint"]))
     if bad:
         raise UserError(f"unknown checkpoint key(s) {', '.join(bad)}: allowed are "

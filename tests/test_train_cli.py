@@ -136,6 +136,18 @@ def test_log_dir_that_is_a_file_is_a_user_error(tmp_path, capsys):
     assert err.startswith("error: cannot create the run directory") and len(err.splitlines()) == 1
 
 
+def test_a_number_where_a_string_is_meant_is_taken_as_the_string():
+    """YAML reads --data.dir 2024 as an int; a str-annotated argument gets "2024"."""
+    import inspect
+
+    cfg = {"dir": 2024, "steps": 3}
+    params = {k: [p] for k, p in inspect.signature(lambda dir="data", steps=1: None).parameters.items()}
+    params["dir"] = [params["dir"][0].replace(annotation="str | None")]
+    params["steps"] = [params["steps"][0].replace(annotation="int")]
+    train._check_value_types("data", cfg, params, "")
+    assert cfg == {"dir": "2024", "steps": 3}
+
+
 def test_integral_float_accepted_where_an_integer_is_meant(tmp_path, capsys):
     """YAML reads 1e1 as a float; the type check lets it through for an int argument."""
     assert run(tmp_path, "--task", "quadratic", "--optimizer", "adam", "--model.dim", "1e1",
