@@ -23,12 +23,8 @@ SHAPE = (32, 32)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: more threads only add contention on a shared CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test in this module runs on one intra-op thread (see tests/conftest.py)."""
 
 
 def drive(name: str, steps: int, beta2: float = 0.9, grads=None, opt_kwargs: dict | None = None,

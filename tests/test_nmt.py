@@ -261,15 +261,6 @@ def test_synthetic_corpus_is_deterministic_and_structured():
     assert len(pairs) > 190  # hardly any duplicates
 
 
-@pytest.fixture
-def one_thread():
-    """Small per-step tensors: intra-op threads only contend (and crawl on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_short_training_run_lowers_loss_and_raises_bleu(tmp_path, one_thread):
     torch.manual_seed(0)
     L.seed_everything(0, verbose=False)

@@ -33,12 +33,8 @@ RNG = np.random.default_rng(0)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: small tensor work only loses to thread hand-off on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test in this module runs on one intra-op thread (see tests/conftest.py)."""
 
 
 # --------------------------------------------------------------------------- writers of the real formats

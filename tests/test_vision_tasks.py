@@ -26,13 +26,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny convolutions only lose to thread hand-off on a busy 2-core machine
-    (measured: 1 s instead of 10-40 s per training test when other processes share the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test in this module runs on one intra-op thread (see tests/conftest.py)."""
 
 
 VISION = ["mnist_logreg", "mnist_mlp", "cifar10_resnet18", "cifar10_densenet", "tinyimagenet_densenet"]
@@ -139,7 +134,6 @@ TRAIN_CASES = {
     "tinyimagenet_densenet": ({"depth": 10, "growth_rate": 8, "stem_stride": 2}, [16, 8, 8], 8,
                               {"name": "adam", "lr": 1e-2}, 12),
 }
-
 
 
 @pytest.mark.parametrize("task", VISION)

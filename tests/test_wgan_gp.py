@@ -20,12 +20,8 @@ ADAM = {"name": "adam", "lr": 1e-3, "betas": [0.5, 0.9]}
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: a second thread only adds contention on a shared CI machine (10-100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test in this module runs on one intra-op thread (see tests/conftest.py)."""
 
 
 def trainer(max_steps: int, **kw) -> L.Trainer:
