@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import threading
 from pathlib import Path
 
 import lightning as L
@@ -125,16 +122,10 @@ def test_empty_lines_can_be_skipped(tmp_path):
 
 # ---------------------------------------------------------------------------- download
 @pytest.fixture
-def http_dir(tmp_path):
+def http_dir(tmp_path, serve):
     root = tmp_path / "served"
     write_stanford(root)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    return root, serve({f"/{p.name}": p.read_bytes() for p in root.iterdir()}) + "/"
 
 
 def test_download_stanford_good_and_bad_checksum(http_dir, tmp_path):

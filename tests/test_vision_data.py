@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import io
 import pickle
 import struct
 import tarfile
-import threading
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -117,37 +115,6 @@ def _zip(files: dict[str, bytes]) -> bytes:
         for rel, data in files.items():
             zf.writestr(rel, data)
     return buf.getvalue()
-
-
-@pytest.fixture
-def serve(tmp_path):
-    """serve(files: {url path: bytes}) -> base URL of a 127.0.0.1 server for this test."""
-    servers = []
-
-    def start(files: dict[str, bytes]) -> str:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                body = files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        servers.append(httpd)
-        return f"http://127.0.0.1:{httpd.server_address[1]}"
-
-    yield start
-    for httpd in servers:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def _all_labels(ds) -> list[int]:
