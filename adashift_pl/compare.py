@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 
 from adashift_pl.config import SECTIONS, load_yaml, parse_value, split_overrides
 from adashift_pl.errors import UserError
+from adashift_pl.files import atomic_write_text, read_json
 
 STDERR_TAIL_LINES = 40
 # train.py flags (besides the dotted overrides) that go unchanged to every run, with an example value
@@ -242,27 +243,14 @@ def plan_combos(optimizers: dict[str, dict], grid: dict[str, list], cli_grids: d
 # --------------------------------------------------------------------------- running
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
-    tmp.replace(path)
-
-
 def run_state(sweep_dir: Path, combo: dict) -> tuple[str, Path | None]:
     """('completed', run_dir) | ('resume', last.ckpt) | ('new', None) for one combination."""
     run_dir = sweep_dir / combo["run_dir"]
-    record = _read_json(sweep_dir / "runs" / combo["name"] / "compare.json") or {}
+    record = read_json(sweep_dir / "runs" / combo["name"] / "compare.json") or {}
     if record.get("run_dir"):
         p = Path(record["run_dir"])
         run_dir = p if p.is_absolute() else sweep_dir / p
-    summary = _read_json(run_dir / "summary.json")
+    summary = read_json(run_dir / "summary.json")
     if summary and summary.get("status") == "completed":
         return "completed", run_dir
     ckpt = None
@@ -356,7 +344,7 @@ class Sweep:
         name = combo["name"]
         combo_dir = self.dir / "runs" / name
         combo_dir.mkdir(parents=True, exist_ok=True)
-        previous = _read_json(combo_dir / "compare.json") or {}
+        previous = read_json(combo_dir / "compare.json") or {}
         if resume is None:
             expected = self.dir / combo["run_dir"]
             if expected.exists():  # leftovers of a failed attempt: keep them, out of the way
@@ -411,8 +399,8 @@ class Sweep:
             (combo_dir / "error.txt").write_text(f"exit code {rc}\n$ {shlex.join(cmd)}\n\n{tail}\n")
         else:
             (combo_dir / "error.txt").unlink(missing_ok=True)
-        _write_json(combo_dir / "compare.json", record)
-        summary = _read_json(run_dir / "summary.json") or {}
+        atomic_write_text(combo_dir / "compare.json", json.dumps(record, indent=2, allow_nan=True))
+        summary = read_json(run_dir / "summary.json") or {}
         with self.lock:
             self.done += 1
             idx = f"[{self.done}/{self.total}]"
@@ -567,7 +555,7 @@ def make_plan(args: argparse.Namespace, rest: list[str]) -> tuple[dict, Path]:
 def merge_with_existing(plan: dict, out: Path) -> dict:
     """Re-running into an existing sweep: same task and fixed flags required; new combinations are
     added, old ones kept (they are in the directory and in the report)."""
-    old = _read_json(out / "sweep.json")
+    old = read_json(out / "sweep.json")
     if old is None:
         return plan
     for key in ("task", "passthrough"):
@@ -598,9 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{state:9s} {shlex.join(sweep.command(combo, path if state == 'resume' else None))}")
             return 0
         out.mkdir(parents=True, exist_ok=True)
-        plan["created_at"] = (_read_json(out / "sweep.json") or {}).get(
+        plan["created_at"] = (read_json(out / "sweep.json") or {}).get(
             "created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        _write_json(out / "sweep.json", plan)
+        atomic_write_text(out / "sweep.json", json.dumps(plan, indent=2, allow_nan=True))
         started = time.time()
 
         def on_sigterm(signum, frame):  # e.g. a cancelled SLURM job: stop the runs cleanly, then us

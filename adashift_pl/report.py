@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from adashift_pl.errors import UserError
+from adashift_pl.files import atomic_write_text, read_json
 
 REPORT_SUBDIR = "report"
 MAX_FACETS = 12  # at most this many corr/* tags in correlation.png (the rest are listed)
@@ -320,16 +321,9 @@ def read_scalars(run_dir: Path) -> dict[str, Scalar]:
     return out
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def load_runs(sweep_dir: Path) -> tuple[list[Run], dict]:
     """The runs of a sweep (from sweep.json) or of any directory holding run directories."""
-    plan = _read_json(sweep_dir / "sweep.json")
+    plan = read_json(sweep_dir / "sweep.json")
     if plan is not None:
         return [_run_from_plan(sweep_dir, c) for c in plan.get("combos", [])], plan
     summaries = sorted(sweep_dir.rglob("summary.json"))
@@ -341,7 +335,7 @@ def load_runs(sweep_dir: Path) -> tuple[list[Run], dict]:
 
 def _run_from_plan(sweep_dir: Path, combo: dict) -> Run:
     combo_dir = sweep_dir / "runs" / combo["name"]
-    record = _read_json(combo_dir / "compare.json") or {}
+    record = read_json(combo_dir / "compare.json") or {}
     run_dir = None
     for candidate in (record.get("run_dir"), combo.get("run_dir")):
         if candidate:
@@ -353,7 +347,7 @@ def _run_from_plan(sweep_dir: Path, combo: dict) -> Run:
         found = sorted(combo_dir.rglob("summary.json"))
         if found:
             run_dir = found[0].parent
-    summary = _read_json(run_dir / "summary.json") if run_dir else None
+    summary = read_json(run_dir / "summary.json") if run_dir else None
     error_file = combo_dir / "error.txt"
     exit_code = record.get("exit_code")
     return Run(
@@ -365,7 +359,7 @@ def _run_from_plan(sweep_dir: Path, combo: dict) -> Run:
 
 
 def _runs_from_summaries(root: Path, paths: list[Path]) -> list[Run]:
-    loaded = [(p.parent, _read_json(p)) for p in paths]
+    loaded = [(p.parent, read_json(p)) for p in paths]
     loaded = [(d, s) for d, s in loaded if s is not None]
     by_opt: dict[str, list] = {}
     for d, s in loaded:
@@ -1030,7 +1024,7 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
     lines = (_header(a) + results + paired + target + figures + _correlation_section(a)
              + _grid_section(a) + _runs_section(a))
     report_md = out / "report.md"
-    report_md.write_text("\n".join(lines))
+    atomic_write_text(report_md, "\n".join(lines))
     report = {
         "sweep_dir": str(sweep_dir), "task": a.task, "metric": a.metric, "mode": a.mode, "baseline": a.baseline,
         "optimizers": results_json, "paired": paired_json, "targets": target_json, "figures": figure_names,
@@ -1039,9 +1033,7 @@ def build_report(sweep_dir: Path | str, *, baseline: str | None = None,
                   "final": {k: r.final(k) for k in a.finals_keys} if r.summary else None,
                   "run_dir": str(r.run_dir) if r.run_dir else None} for r in a.runs],
     }
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=True))
-    tmp.replace(out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default, allow_nan=True))
     return report_md
 
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,12 +30,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from adashift_pl.config import dump_yaml, plain
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from adashift_pl.files import atomic_write, atomic_write_text
 
 
 # A run has diverged when a logged loss (a metric whose name ends in "loss") is non-finite, or
@@ -51,32 +44,6 @@ DIVERGE_FACTOR = 1e4
 def is_loss_key(name: str) -> bool:
     """train/loss, val/expected_loss, ... and Lightning's forked train/loss_step, train/loss_epoch."""
     return name.endswith(("loss", "loss_step", "loss_epoch"))
-
-_FILE_MODE = 0o666 & ~_read_umask()  # what open() would give; mkstemp makes 0600 files
-
-
-def atomic_write(path: Path, write, binary: bool) -> None:
-    """write(f) into a temporary file beside `path`, fsync, then os.replace it into place: a crash
-    leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text), binary=False)
-
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a temporary file in the same directory, fsync, then os.replace into place."""

@@ -354,7 +354,8 @@ def test_user_error_from_a_dataloader_worker_prints_its_last_line(monkeypatch, c
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    from adashift_pl.run import AtomicCheckpointIO, atomic_write_text
+    from adashift_pl.files import atomic_write_text
+    from adashift_pl.run import AtomicCheckpointIO
 
     class Unpicklable:
         def __reduce__(self):
