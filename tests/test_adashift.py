@@ -363,8 +363,9 @@ def test_bad_hyper_parameters_are_named(kwargs, match):
 
 def test_beta1_one_allowed_for_adashift_not_for_spatial_only():
     AdaShift([torch.nn.Parameter(torch.ones(1))], betas=(1.0, 0.9))
-    with pytest.raises(ValueError, match="index 0"):
+    with pytest.raises(ValueError, match="index 0.*0 <= beta1 < 1"):
         AdaShiftSpatial([torch.nn.Parameter(torch.ones(1))], betas=(1.0, 0.9))
+    AdaShiftSpatial([torch.nn.Parameter(torch.ones(1))], betas=(0.9999999995, 0.9))  # any beta1 < 1
 
 
 def test_spatial_only_matches_its_definition():

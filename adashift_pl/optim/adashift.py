@@ -71,7 +71,7 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_max, maximize=False):
+def _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_may_be_one, maximize=False):
     if not (_is_real(lr) and lr >= 0.0):
         raise ValueError(f"Invalid learning rate: {lr!r} (allowed: lr >= 0)")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) for b in betas)):
@@ -82,8 +82,9 @@ def _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1
         raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (allowed: a number weight_decay >= 0)")
     if not isinstance(maximize, bool):
         raise ValueError(f"Invalid maximize value: {maximize!r} (allowed: True, False)")
-    if not 0.0 <= betas[0] <= beta1_max or (beta1_max < 1.0 and betas[0] == beta1_max):
-        allowed = "0 <= beta1 <= 1" if beta1_max == 1.0 else "0 <= beta1 < 1"
+    # AdaShift's window average allows beta1 = 1 (a plain mean, Eq. 17); an EMA does not.
+    if not (0.0 <= betas[0] <= 1.0 if beta1_may_be_one else 0.0 <= betas[0] < 1.0):
+        allowed = "0 <= beta1 <= 1" if beta1_may_be_one else "0 <= beta1 < 1"
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (allowed: {allowed})")
     if not 0.0 <= betas[1] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]} (allowed: 0 <= beta2 < 1)")
@@ -105,6 +106,14 @@ def block_reduce(x: Tensor, spatial_op: str, spatial_block: str) -> Tensor:
         dims = tuple(range(1, x.dim()))
         return x.amax(dim=dims, keepdim=True) if spatial_op == "max" else x.mean(dim=dims, keepdim=True)
     return x.max() if spatial_op == "max" else x.mean()
+
+
+def _run_closure(closure: Callable[[], float] | None):
+    """torch.optim's contract: the closure re-evaluates the loss under grad; its loss is step()'s result."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _sparse_error(name: str) -> RuntimeError:
@@ -158,7 +167,7 @@ class AdaShift(Optimizer):
         spatial_block: str = "tensor",
         foreach: bool | None = None,
     ):
-        _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_max=1.0, maximize=maximize)
+        _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_may_be_one=True, maximize=maximize)
         _check_window(keep_num, window)
         if foreach not in (None, True, False):
             raise ValueError(f"Invalid foreach value: {foreach!r} (allowed: None, True, False)")
@@ -172,7 +181,7 @@ class AdaShift(Optimizer):
         super().add_param_group(param_group)
         g = self.param_groups[-1]
         g["betas"] = tuple(g["betas"])
-        _check_common(g["lr"], g["betas"], g["eps"], g["weight_decay"], g["spatial_op"], g["spatial_block"], 1.0,
+        _check_common(g["lr"], g["betas"], g["eps"], g["weight_decay"], g["spatial_op"], g["spatial_block"], True,
                       g["maximize"])
         _check_window(g["keep_num"], g["window"])
 
@@ -187,10 +196,7 @@ class AdaShift(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One optimizer step; runs ``closure`` under grad first and returns its loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         for group in self.param_groups:
             hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                          keep_num=group["keep_num"], window=group["window"] or group["keep_num"],
@@ -341,7 +347,7 @@ class AdaShiftSpatial(Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
                  spatial_op: str = "max", eps: float = 1e-10, weight_decay: float = 0.0,
                  maximize: bool = False, spatial_block: str = "tensor"):
-        _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_max=0.999999999,
+        _check_common(lr, betas, eps, weight_decay, spatial_op, spatial_block, beta1_may_be_one=False,
                       maximize=maximize)
         defaults = dict(lr=lr, betas=tuple(betas), spatial_op=spatial_op, spatial_block=spatial_block,
                         eps=eps, weight_decay=weight_decay, maximize=maximize)
@@ -349,10 +355,7 @@ class AdaShiftSpatial(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
