@@ -14,6 +14,11 @@ EventAccumulator), then writes into SWEEP_DIR/report/:
     sensitivity_<key>.png     final selection metric against a grid axis (log x for lr)
     correlation.png           the corr/* scalars of the MomentCorrelation callback
 
+Figures average the runs the tables average (completed, not diverged; the legend counts the
+others), against optimizer steps taken -- the step count of summary.json and TensorBoard.
+Every optimizer has one look (OPTIMIZER_LOOKS: colour, dash pattern, marker) in every report,
+and a curve identical to another is named as such. Time-to-target counts from the run's start.
+
 "Best grid point" follows Section 5 ("the best we have found via parameter grid search"):
 the final value of the task's monitor metric (summary.json `best_metric` name and mode),
 else val/loss (min), else train/loss (min). A run that diverged (summary `diverged`, or a
@@ -33,6 +38,7 @@ import math
 import os
 import re
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -44,6 +50,9 @@ from adashift_pl.files import atomic_write_text, read_json
 
 REPORT_SUBDIR = "report"
 MAX_FACETS = 12  # at most this many corr/* tags in correlation.png (the rest are listed)
+# A bootstrap CI needs at least this many seed pairs: from 2 values the resampled means take only
+# 3 values (a, (a+b)/2, b), so the "95 % interval" is just [min, max] of the two -- no interval at all.
+MIN_CI_PAIRS = 3
 
 # --------------------------------------------------------------------------- statistics
 # Pure functions on plain numbers, unit-tested on fabricated data (tests/test_report.py).
@@ -88,8 +97,9 @@ def paired_comparison(candidate: dict[int, float | None], baseline: dict[int, fl
     Values are final metrics keyed by seed; a non-finite value is a miss (the run diverged).
     `None` means no result (the run failed or was not run): that seed is excluded and counted.
     Returns the mean difference candidate - baseline over seeds where both are finite with its
-    bootstrap CI, and the win rate over all seeds with a result on both sides: a win is a
-    better finite value or a finite value against a baseline miss; both missing is a tie (1/2).
+    bootstrap CI (NaN bounds below MIN_CI_PAIRS such seeds), and the win rate over all seeds
+    with a result on both sides: a win is a better finite value or a finite value against a
+    baseline miss; both missing is a tie (1/2).
     """
     seeds = sorted(set(candidate) & set(baseline))
     diffs, wins, ties, losses, excluded = [], 0, 0, 0, 0
@@ -118,7 +128,7 @@ def paired_comparison(candidate: dict[int, float | None], baseline: dict[int, fl
             ties += 1
     excluded += len(set(candidate) ^ set(baseline))
     n = wins + ties + losses
-    lo, hi = bootstrap_ci(diffs, level=level, n_boot=n_boot)
+    lo, hi = bootstrap_ci(diffs, level=level, n_boot=n_boot) if len(diffs) >= MIN_CI_PAIRS else (math.nan, math.nan)
     return {
         "pairs": n,
         "finite_pairs": len(diffs),
@@ -141,18 +151,15 @@ def reaches(value: float, target: float, mode: str) -> bool:
 
 
 def time_to_target(steps: Sequence[int], values: Sequence[float], wall_times: Sequence[float],
-                   target: float, mode: str) -> tuple[int, float] | None:
+                   target: float, mode: str, *, start: float) -> tuple[int, float] | None:
     """The first logged step whose value reaches `target` (>= for mode max, <= for min) and the
-    seconds from the run's first logged point to it; None if never reached or if the series
-    became non-finite first (a diverged run misses the target)."""
-    if len(steps) == 0:
-        return None
-    t0 = wall_times[0]
+    seconds from `start` (the run's start, on the wall-time clock: Scalar.start) to it; None if
+    never reached or if the series became non-finite first (a diverged run misses the target)."""
     for step, value, wall in zip(steps, values, wall_times):
         if not math.isfinite(value):
             return None
         if reaches(value, target, mode):
-            return int(step), float(wall - t0)
+            return int(step), float(wall - start)
     return None
 
 
@@ -180,9 +187,10 @@ def parse_target(text: str) -> tuple[str, float]:
 
 @dataclass
 class Scalar:
-    steps: np.ndarray
+    steps: np.ndarray       # optimizer steps taken when the value was recorded
     values: np.ndarray
-    wall_times: np.ndarray
+    wall_times: np.ndarray  # seconds on the clock of `start`, the pauses of interruptions removed
+    start: float = math.nan  # when the run started (its first event-file record), same clock
 
 
 @dataclass
@@ -288,9 +296,11 @@ def read_scalars(run_dir: Path) -> dict[str, Scalar]:
     """All scalar series in the run directory's TensorBoard event files, by tag.
 
     A resumed run has several event files (one per process); a step logged twice keeps its
-    last value. Wall times are *training* time: the pause between one process's last logged
-    point and the next (resumed) process's first one -- the run sat interrupted -- is
-    subtracted, so time-to-target does not count the hours a job waited in a queue."""
+    last value. The run starts at its first event file's first record (TensorBoard writes one
+    when the file is opened; `train` opens it when training set-up begins), else at its first
+    point. Wall times are *training* time: the pause between one process's last logged point
+    and the start of the next (resumed) process -- the run sat interrupted -- is subtracted, so
+    time-to-target does not count the hours a job waited in a queue."""
     from tensorboard.backend.event_processing import event_accumulator as ea
 
     if not run_dir.is_dir():
@@ -298,16 +308,19 @@ def read_scalars(run_dir: Path) -> dict[str, Scalar]:
     files = sorted((p for p in run_dir.iterdir() if p.name.startswith("events.out.tfevents") and p.is_file()),
                    key=_event_file_order)
     by_tag: dict[str, dict[int, tuple[float, float]]] = {}
-    paused, last_wall = 0.0, None
+    paused, last_wall, start = 0.0, None, None
     for f in files:
         acc = ea.EventAccumulator(str(f), size_guidance={ea.SCALARS: 0})
         acc.Reload()
         events = {tag: acc.Scalars(tag) for tag in acc.Tags().get("scalars", [])}
         walls = [e.wall_time for es in events.values() for e in es]
         if not walls:
-            continue
-        if last_wall is not None and min(walls) > last_wall:
-            paused += min(walls) - last_wall
+            continue  # a process that logged nothing: no training time to count
+        opened = min(acc.FirstEventTimestamp(), min(walls))
+        if last_wall is not None and opened > last_wall:
+            paused += opened - last_wall
+        if start is None:
+            start = opened
         last_wall = max(max(walls), last_wall if last_wall is not None else -math.inf)
         for tag, es in events.items():
             series = by_tag.setdefault(tag, {})
@@ -317,7 +330,7 @@ def read_scalars(run_dir: Path) -> dict[str, Scalar]:
     for tag, by_step in by_tag.items():
         steps = np.array(sorted(by_step), dtype=np.int64)
         out[tag] = Scalar(steps, np.array([by_step[s][0] for s in steps]),
-                          np.array([by_step[s][1] for s in steps]))
+                          np.array([by_step[s][1] for s in steps]), start)
     return out
 
 
@@ -475,14 +488,44 @@ def aggregate_curves(series: list[Scalar]) -> tuple[np.ndarray, np.ndarray, np.n
 
 # --------------------------------------------------------------------------- figures
 
-PAPER_NAMES = {"adam": "Adam", "amsgrad": "AMSGrad", "adashift": "AdaShift", "sgd": "SGD",
-               "nadam": "NAdam", "non-adashift": "non-AdaShift", "max-adashift": "max-AdaShift",
-               "adashift-temporal": "AdaShift (temporal-only)",
-               "adashift-spatial": "AdaShift (spatial-only)", "adashift-mean": "mean-AdaShift"}
+# One table for how an optimizer appears in every report: its name in the paper and a look fixed
+# by its name (so a colour means the same optimizer in every figure of every sweep), with a dash
+# pattern and marker of its own, so that two identical curves (Adam and AMSGrad often coincide)
+# still show as two lines. Aliases look like the optimizer they name.
+DASHES = {"solid": "-", "dashed": (0, (5, 2)), "dotted": (0, (1, 1.5)), "dashdot": (0, (6, 2, 1, 2)),
+          "long": (0, (10, 3)), "dashdotdot": (0, (6, 2, 1, 2, 1, 2)), "loose": (0, (2, 3))}
+OPTIMIZER_LOOKS = {  # name: (paper name, colour (tab10), dash pattern, marker)
+    "adam":              ("Adam",                     "#1f77b4", "solid",      "o"),
+    "amsgrad":           ("AMSGrad",                  "#ff7f0e", "dashed",     "s"),
+    "adashift":          ("AdaShift",                 "#2ca02c", "dashdot",    "^"),
+    "max-adashift":      ("max-AdaShift",             "#2ca02c", "dashdot",    "^"),
+    "non-adashift":      ("non-AdaShift",             "#d62728", "long",       "v"),
+    "adashift-temporal": ("AdaShift (temporal-only)", "#d62728", "long",       "v"),
+    "adashift-spatial":  ("AdaShift (spatial-only)",  "#9467bd", "dashdotdot", "D"),
+    "adashift-mean":     ("mean-AdaShift",            "#8c564b", "loose",      "P"),
+    "sgd":               ("SGD",                      "#7f7f7f", "dotted",     "x"),
+    "nadam":             ("NAdam",                    "#e377c2", "dashed",     "*"),
+    "adamw":             ("AdamW",                    "#17becf", "dotted",     "<"),
+    "adopt":             ("ADOPT",                    "#bcbd22", "dashdot",    ">"),
+}
+SPARE_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354")
+SPARE_MARKERS = ("h", "p", "X", "d", "8", "H")
 
 
 def pretty(optimizer: str) -> str:
-    return PAPER_NAMES.get(optimizer, optimizer)
+    return OPTIMIZER_LOOKS.get(optimizer, (optimizer,))[0]
+
+
+def look(optimizer: str) -> dict:
+    """matplotlib kwargs (color, linestyle, marker) of `optimizer`: from OPTIMIZER_LOOKS, else
+    picked by a hash of the name (the same in every report)."""
+    if optimizer in OPTIMIZER_LOOKS:
+        _, colour, dash, marker = OPTIMIZER_LOOKS[optimizer]
+    else:
+        h = zlib.crc32(optimizer.encode())
+        colour, dash = SPARE_COLOURS[h % len(SPARE_COLOURS)], list(DASHES)[h // 7 % len(DASHES)]
+        marker = SPARE_MARKERS[h // 53 % len(SPARE_MARKERS)]
+    return {"color": colour, "linestyle": DASHES[dash], "marker": marker}
 
 
 def _slug(text: str) -> str:
@@ -517,12 +560,30 @@ def _axis_label(metric: str) -> str:
     return f"{stage_word} {name.replace('_', ' ')}{unit}"
 
 
-def _plot_band(ax, series: list[Scalar], label: str, color=None, linestyle="-"):
+STEP_AXIS = "optimizer steps taken"
+MARKS_PER_LINE = 8  # markers along a line; each line's are shifted so coinciding lines show all of them
+
+
+def drawn_runs(runs: list[Run]) -> tuple[list[Run], str]:
+    """The runs a figure averages -- the same the tables average: completed, not diverged -- and
+    what was left out, e.g. "1 diverged, 1 interrupted" ("" when nothing was)."""
+    kept = [r for r in runs if r.status == "completed" and not r.diverged]
+    left = {"diverged": sum(r.diverged for r in runs)}
+    for status in ("interrupted", "failed", "missing"):
+        left[status] = sum(r.status == status and not r.diverged for r in runs)
+    return kept, ", ".join(f"{n} {what}" for what, n in left.items() if n)
+
+
+def _plot_band(ax, series: list[Scalar], label: str, color=None, linestyle="-", marker=None, mark_slot=(0, 1)):
+    """Mean over seeds with a ±std band. mark_slot (k, of): this is line k of `of` -- its markers
+    are shifted by k/of of their spacing, so identical curves show every line's markers."""
     steps, mean, std, n = aggregate_curves(series)
     if not len(steps):
         return None
-    marker = "o" if len(steps) <= 3 else None
-    (line,) = ax.plot(steps, mean, label=label, color=color, linestyle=linestyle, marker=marker, lw=1.5)
+    every = max(1, len(steps) // MARKS_PER_LINE)
+    offset = (mark_slot[0] * every) // max(mark_slot[1], 1)
+    (line,) = ax.plot(steps, mean, label=label, color=color, linestyle=linestyle, lw=1.5, marker=marker,
+                      markersize=5, markevery=(min(offset, len(steps) - 1), every), fillstyle="none")
     if n > 1:
         lo, hi = mean - std, mean + std
         if ax.get_yscale() == "log":
@@ -531,48 +592,69 @@ def _plot_band(ax, series: list[Scalar], label: str, color=None, linestyle="-"):
     return line
 
 
-def plot_curves(path: Path, metric: str, groups: list[tuple], title: str) -> bool:
-    """One curve per group (label, runs[, color, linestyle]), mean over seeds with a ±std band."""
-    data = [(g[0], [r.scalars()[metric] for r in g[1] if metric in r.scalars()], g[1], *g[2:])
-            for g in groups]
-    data = [d for d in data if d[1]]
+def _same_curve(a: list[Scalar], b: list[Scalar]) -> bool:
+    sa, ma, _, _ = aggregate_curves(a)
+    sb, mb, _, _ = aggregate_curves(b)
+    return len(sa) > 0 and np.array_equal(sa, sb) and np.allclose(ma, mb, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def plot_curves(path: Path, metric: str, groups: list[tuple[str, list[Run], dict]],
+                title: str) -> tuple[bool, list[str]]:
+    """One curve per group (label, runs, look), mean over seeds with a ±std band. Only the runs
+    the tables average are drawn (drawn_runs); the legend counts the ones left out. Returns
+    whether a figure was written and notes for report.md: groups with nothing to draw, and
+    curves identical to another group's (drawn on top of each other; told apart by the dash
+    pattern and the markers)."""
+    data, notes = [], []
+    for label, runs, style in groups:
+        kept, left = drawn_runs(runs)
+        series = [r.scalars()[metric] for r in kept if metric in r.scalars()]
+        if series:
+            data.append((label, series, left, style))
+            if left:
+                notes.append(f"{label}: averaged over {len(series)} run(s); not drawn: {left}.")
+        elif left and any(metric in r.scalars() for r in runs):
+            notes.append(f"{label}: not drawn ({left}, no other seed).")
     if not data:
-        return False
+        return False, notes
     fig = _new_figure()
     ax = fig.subplots()
     if _use_log_y(s.values for d in data for s in d[1]):
         ax.set_yscale("log")
-    for label, series, runs, *style in data:
-        n_div = sum(r.diverged for r in runs)
-        extra = f" (n={len(series)}" + (f", {n_div} diverged" if n_div else "") + ")"
-        _plot_band(ax, series, label + extra, *style)
-    ax.set_xlabel("iteration (optimizer steps)")
+    for k, (label, series, left, style) in enumerate(data):
+        twin = next((d[0] for d in data[:k] if _same_curve(d[1], series)), None)
+        if twin:
+            notes.append(f"{label}: identical to {twin} (the lines coincide; told apart by dash pattern and markers).")
+        extra = f" (n={len(series)}" + (f"; not drawn: {left}" if left else "") + ")"
+        extra += f" = {twin}" if twin else ""
+        _plot_band(ax, series, label + extra, **style, mark_slot=(k, len(data)))
+    ax.set_xlabel(STEP_AXIS)
     ax.set_ylabel(_axis_label(metric))
     ax.set_title(_wrap(title), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, title="mean ± std over seeds", title_fontsize=8)
     fig.savefig(path, dpi=120)
-    return True
+    return True, notes
 
 
-def plot_lr(path: Path, groups: list[tuple[str, list[Run]]], title: str) -> bool:
+def plot_lr(path: Path, groups: list[tuple[str, list[Run], dict]], title: str) -> bool:
     """The lr-* scalars (one tag per optimizer class) as one figure; only when the lr changes
     during a run (a schedule or warm-up) -- a constant lr is in the tables already."""
     data = []
-    for label, runs in groups:
-        series = [next((s for t, s in r.scalars().items() if t.startswith("lr-")), None) for r in runs]
+    for label, runs, style in groups:
+        series = [next((s for t, s in r.scalars().items() if t.startswith("lr-")), None) for r in drawn_runs(runs)[0]]
         series = [s for s in series if s is not None and len(s.steps) > 1]
         if series:
-            data.append((label, series))
-    if not any(len(np.unique(s.values)) > 1 for _, ss in data for s in ss):
+            data.append((label, series, style))
+    if not any(len(np.unique(s.values)) > 1 for _, ss, _ in data for s in ss):
         return False
     fig = _new_figure()
     ax = fig.subplots()
-    if _use_log_y(s.values[s.values > 0] for _, ss in data for s in ss):
+    if _use_log_y(s.values[s.values > 0] for _, ss, _ in data for s in ss):
         ax.set_yscale("log")
-    for label, series in data:
-        _plot_band(ax, series, label)
-    ax.set_xlabel("iteration (optimizer steps)")
+    for k, (label, series, style) in enumerate(data):
+        _plot_band(ax, series, label, **style, mark_slot=(k, len(data)))
+    ax.set_xlabel(STEP_AXIS)
     ax.set_ylabel("learning rate")
     ax.set_title(_wrap(title), fontsize=10)
     ax.grid(True, alpha=0.3)
@@ -621,7 +703,7 @@ def plot_sensitivity(path: Path, key: str, points: list[Point], metric: str, mod
             notes.append(f"{misses}/{len(p.runs)} miss" if misses else "")
         others = {k: v for k, v in ps[0].params.items() if k != key}
         label = pretty(opt) + (f" ({format_params(others)})" if others else "")
-        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=label)
+        ax.errorbar(xs, ms, yerr=ss, capsize=3, label=label, **look(opt))
         for x, m, note in zip(xs, ms, notes):
             if note:
                 ax.annotate(note, (x, m if math.isfinite(m) else 0), fontsize=7, color="red",
@@ -672,10 +754,10 @@ def plot_correlation(path: Path, tags: list[str], groups: list[tuple[str, list[R
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax, tag in zip(axes, tags):
         shown = []
-        for label, runs in groups:
-            series = [r.scalars()[tag] for r in runs if tag in r.scalars()]
+        for k, (label, runs, style) in enumerate(groups):
+            series = [r.scalars()[tag] for r in drawn_runs(runs)[0] if tag in r.scalars()]
             if series:
-                _plot_band(ax, series, label)
+                _plot_band(ax, series, label, **style, mark_slot=(k, len(groups)))
                 shown += series
         # y range from the settled part: the first few percent of steps are a noisy few-sample transient
         steps = np.concatenate([s.steps for s in shown]) if shown else np.array([])
@@ -688,7 +770,7 @@ def plot_correlation(path: Path, tags: list[str], groups: list[tuple[str, list[R
                 ax.set_ylim(max(-1.05, min(lo - pad, -pad)), min(1.05, max(hi + pad, pad)))
         ax.axhline(0.0, color="gray", lw=0.8, ls=":")
         ax.set_title(_corr_title(tag), fontsize=9)
-        ax.set_xlabel("iteration")
+        ax.set_xlabel(STEP_AXIS)
         ax.set_ylabel("correlation")
         ax.grid(True, alpha=0.3)
     for ax in axes[len(tags):]:
@@ -712,10 +794,29 @@ def fmt(x, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
-def fmt_mean_std(values: Iterable[float]) -> str:
+def fmt_count(x) -> str:
+    """Steps and other counts: an integer as an integer (40000, not 4e+04); a mean or a median
+    of counts that is not whole with one decimal."""
+    if x is None or not is_finite(x):
+        return fmt(x)
+    return str(int(round(x))) if float(x).is_integer() else f"{x:.1f}"
+
+
+def fmt_seconds(x) -> str:
+    """Wall times: three significant digits below 100 s, whole seconds above (12345, not 1.234e+04)."""
+    if x is None or not is_finite(x):
+        return fmt(x)
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def fmt_mean_std(values: Iterable[float], number=None) -> str:
+    """mean ± std over the finite values (just the value for one); `number` formats both
+    (default: 4 significant digits for the mean, 2 for the std)."""
     m, s, n = mean_std(values)
     if n == 0:
         return "—"
+    if number is not None:
+        return number(m) if n == 1 else f"{number(m)} ± {number(s)}"
     return fmt(m) if n == 1 else f"{fmt(m)} ± {fmt(s, 2)}"
 
 
@@ -830,7 +931,7 @@ def _results_section(a: Analysis) -> tuple[list[str], dict]:
             entry["best"] = _stats(bvals)
         steps = [float(r.summary["global_step"]) for r in done if r.summary.get("global_step") is not None]
         walls = [float(r.summary["wall_seconds"]) for r in done if r.summary.get("wall_seconds") is not None]
-        row += [fmt_mean_std(steps), fmt_mean_std(walls)]
+        row += [fmt_mean_std(steps, fmt_count), fmt_mean_std(walls, fmt_seconds)]
         entry["wall_seconds"] = _stats(walls)
         rows.append(row)
         data[opt] = entry
@@ -858,7 +959,8 @@ def _paired_section(a: Analysis) -> tuple[list[str], dict]:
             continue
         res = paired_comparison(a.best[opt].finals(a.metric), base.finals(a.metric), a.mode)
         data[opt] = res
-        ci = f"[{fmt(res['ci_low'])}, {fmt(res['ci_high'])}]" if res["finite_pairs"] > 1 else "— (< 2 pairs)"
+        ci = (f"[{fmt(res['ci_low'])}, {fmt(res['ci_high'])}]" if res["finite_pairs"] >= MIN_CI_PAIRS
+              else f"n/a ({res['finite_pairs']} seeds; needs ≥ {MIN_CI_PAIRS})")
         rows.append([pretty(opt), str(res["pairs"]), fmt(res["mean_diff"]), ci,
                      f"{res['wins']}-{res['ties']}-{res['losses']}", fmt(res["win_rate"], 3),
                      str(res["candidate_misses"]), str(res["baseline_misses"]), str(res["excluded"])])
@@ -867,7 +969,8 @@ def _paired_section(a: Analysis) -> tuple[list[str], dict]:
              f"Per seed, final `{a.metric}` of the optimizer minus that of {name} (same seed: same "
              f"initialisation and data order); {'higher' if a.mode == 'max' else 'lower'} is better. 95% "
              "percentile-bootstrap CI of the mean difference over seeds where both runs finished with a finite "
-             "value. Win rate over all seeds with a result on both sides: a diverged run loses to a finite one; "
+             f"value, given from {MIN_CI_PAIRS} such seeds on (from 2 values a bootstrap interval is just their "
+             "range). Win rate over all seeds with a result on both sides: a diverged run loses to a finite one; "
              "two diverged runs tie. Excluded: seeds where either run failed, was interrupted or was not run.", ""]
     lines += _table(["optimizer", "pairs", "mean diff", "95% CI", "W-T-L", "win rate", "misses (opt)",
                      f"misses ({name})", "excluded"], rows)
@@ -887,7 +990,8 @@ def _target_sections(a: Analysis) -> tuple[list[str], dict]:
             hits = {}
             for r in counted:
                 s = r.scalars().get(tmetric) if r.status == "completed" and not r.diverged else None
-                hits[r.seed] = time_to_target(s.steps, s.values, s.wall_times, tvalue, tmode) if s else None
+                hits[r.seed] = (time_to_target(s.steps, s.values, s.wall_times, tvalue, tmode, start=s.start)
+                                if s else None)
             got = [h for h in hits.values() if h is not None]
             med_steps = float(np.median([h[0] for h in got])) if got else math.nan
             med_secs = float(np.median([h[1] for h in got])) if got else math.nan
@@ -895,46 +999,50 @@ def _target_sections(a: Analysis) -> tuple[list[str], dict]:
                               "median_steps": med_steps, "median_seconds": med_secs}
             per_seed = ", ".join("—" if r.seed not in hits else ("miss" if hits[r.seed] is None else
                                                                str(hits[r.seed][0])) for r in p.runs)
-            rows.append([pretty(opt), f"{len(got)} / {len(counted)}", fmt(med_steps) if got else "never",
-                         fmt(med_secs, 3) if got else "never", per_seed])
+            rows.append([pretty(opt), f"{len(got)} / {len(counted)}", fmt_count(med_steps) if got else "never",
+                         fmt_seconds(med_secs) if got else "never", per_seed])
         lines += [f"## Steps and time to target {tmetric} {'≥' if tmode == 'max' else '≤'} {tvalue:g}", "",
-                  "First logged step reaching the target (AlgoPerf's time-to-result); time is wall clock from "
-                  "the run's first logged point, without the pause between an interruption and its resume. "
-                  "A run that never reaches the target, diverges, or fails is a miss; an interrupted run "
-                  "(—) is not counted yet.", ""]
+                  "First logged step reaching the target (AlgoPerf's time-to-result), in optimizer steps taken; "
+                  "time is wall clock from the run's start (its event file is opened when training set-up "
+                  "begins), without the pause between an interruption and its resume. A run that never reaches "
+                  "the target, diverges, or fails is a miss; an interrupted run (—) is not counted yet.", ""]
         lines += _table(["optimizer", "reached", "median steps", "median seconds", "steps per seed"], rows)
     return lines, data
 
 
 def _figures_section(a: Analysis) -> tuple[list[str], list[str]]:
-    out, figures, best = a.out, [], a.best
-    groups = [(pretty(o), best[o].runs) for o in a.optimizers]
+    out, best = a.out, a.best
+    figures: list[tuple[str, str, list[str]]] = []  # caption, file, notes
+    groups = [(pretty(o), best[o].runs, look(o)) for o in a.optimizers]
     tags = _curve_tags(a.results)
     for tag in tags:
         name = f"curves_{_slug(tag)}.png"
-        if plot_curves(out / name, tag, groups, f"{a.title}: {tag} (best grid point per optimizer)"):
-            figures.append((f"{tag}, best grid point per optimizer", name))
-    if plot_lr(out / "curves_lr.png", [(best[o].label.replace(o, pretty(o), 1), best[o].runs) for o in a.optimizers],
+        drawn, notes = plot_curves(out / name, tag, groups, f"{a.title}: {tag} (best grid point per optimizer)")
+        if drawn:
+            figures.append((f"{tag}, best grid point per optimizer", name, notes))
+    if plot_lr(out / "curves_lr.png",
+               [(best[o].label.replace(o, pretty(o), 1), best[o].runs, look(o)) for o in a.optimizers],
                f"{a.title}: learning rate (LearningRateMonitor), best grid point per optimizer"):
-        figures.append(("learning rate schedule", "curves_lr.png"))
+        figures.append(("learning rate schedule", "curves_lr.png", []))
     if any(len([p for p in a.points if p.optimizer == o]) > 1 for o in a.optimizers):
-        # colour = optimizer, line style = grid point; the chosen point is marked
-        all_groups, styles = [], ["-", "--", ":", "-."]
-        for i, opt in enumerate(a.optimizers):
+        # colour and marker = optimizer, dash pattern = grid point; the chosen point is marked
+        all_groups, dashes = [], list(DASHES.values())
+        for opt in a.optimizers:
             mine = sorted((p for p in a.points if p.optimizer == opt), key=lambda p: _sort_params(p.params))
             for j, p in enumerate(mine):
                 chosen = " (chosen)" if best[opt] is p else ""
                 all_groups.append((f"{pretty(opt)} {format_params(p.params)}{chosen}", p.runs,
-                                   f"C{i % 10}", styles[j % len(styles)]))
+                                   {**look(opt), "linestyle": dashes[j % len(dashes)]}))
         for tag in tags:
             name = f"grid_{_slug(tag)}.png"
-            if plot_curves(out / name, tag, all_groups, f"{a.title}: {tag}, every grid point"):
-                figures.append((f"{tag}, every grid point", name))
+            drawn, notes = plot_curves(out / name, tag, all_groups, f"{a.title}: {tag}, every grid point")
+            if drawn:
+                figures.append((f"{tag}, every grid point", name, notes))
         for key in dict.fromkeys(k for p in a.points for k in p.params):
             short = key.removeprefix("optimizer.")
             name = f"sensitivity_{_slug(short)}.png"
             if plot_sensitivity(out / name, key, a.points, a.metric, a.mode, f"{a.title}: sensitivity to {short}"):
-                figures.append((f"final {a.metric} against {key}", name))
+                figures.append((f"final {a.metric} against {key}", name, []))
     corr_tags = sorted({t for r in a.results for t in r.scalars() if t.startswith("corr/")}, key=_corr_order)
     omitted = []
     overall = [t for t in corr_tags if t.endswith("/overall")]  # MomentCorrelation: corr/<m>/overall|<param>
@@ -944,15 +1052,19 @@ def _figures_section(a: Analysis) -> tuple[list[str], list[str]]:
         corr_tags.sort(key=lambda t: (t.count("/"), t.count("."), t))
         corr_tags, omitted = sorted(corr_tags[:MAX_FACETS], key=_corr_order), omitted + corr_tags[MAX_FACETS:]
     if plot_correlation(out / "correlation.png", corr_tags, groups, f"{a.title}: correlations (MomentCorrelation)"):
-        figures.append(("correlation scalars (corr/*)", "correlation.png"))
+        figures.append(("correlation scalars (corr/*)", "correlation.png", []))
     lines = []
     if figures:
-        lines += ["## Figures", ""]
-        for caption, name in figures:
+        lines += ["## Figures", "",
+                  f"x-axis: {STEP_AXIS}. Curves average the runs the tables average (completed, not diverged); "
+                  "the legend counts the runs left out. Each optimizer keeps its colour, dash pattern and marker "
+                  "in every report, so lines that coincide stay visible.", ""]
+        for caption, name, notes in figures:
             lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
+            lines += [f"- {n}" for n in notes] + ([""] if notes else [])
         if omitted:
             lines += [f"Correlation tags not plotted (per-parameter, see TensorBoard): {len(omitted)}.", ""]
-    return lines, [name for _, name in figures]
+    return lines, [name for _, name, _ in figures]
 
 
 def _correlation_section(a: Analysis) -> list[str]:
@@ -977,7 +1089,7 @@ def _grid_section(a: Analysis) -> list[str]:
                  if r.status == "completed" and r.summary.get("wall_seconds") is not None]
         rows.append([pretty(p.optimizer), format_params(p.params), str(len(p.runs)),
                      fmt_mean_std(p.finals(a.metric).values()), str(p.misses(a.metric)),
-                     "yes" if a.best.get(p.optimizer) is p else "", fmt_mean_std(walls)])
+                     "yes" if a.best.get(p.optimizer) is p else "", fmt_mean_std(walls, fmt_seconds)])
     return ["## Every grid point", ""] + _table(
         ["optimizer", "hyper-parameters", "seeds", f"final {a.metric}", "misses", "chosen", "wall time (s)"], rows)
 
@@ -987,7 +1099,7 @@ def _runs_section(a: Analysis) -> list[str]:
     for r in sorted(a.runs, key=lambda r: r.name):
         s = r.summary or {}
         rows.append([r.name, pretty(r.optimizer), str(r.seed), r.status + (" (diverged)" if r.diverged else ""),
-                     fmt(r.final(a.metric), 6), str(s.get("global_step", "—")), fmt(s.get("wall_seconds"), 4),
+                     fmt(r.final(a.metric), 6), fmt_count(s.get("global_step")), fmt_seconds(s.get("wall_seconds")),
                      _rel(r.run_dir, a.out)])
     lines = ["## Every run", ""] + _table(["run", "optimizer", "seed", "status", f"final {a.metric}", "steps",
                                             "wall time (s)", "run directory"], rows)
@@ -999,7 +1111,7 @@ def _runs_section(a: Analysis) -> list[str]:
         rows = []
         for r in failed:
             last = (r.error_tail or "").strip().splitlines()
-            rows.append([r.name, r.status, fmt(r.exit_code) if r.exit_code is not None else "—",
+            rows.append([r.name, r.status, str(r.exit_code) if r.exit_code is not None else "—",
                          last[-1][:200] if last else "—", _rel(r.error_file, a.out)])
         lines += _table(["run", "status", "exit code", "last stderr line", "stderr tail"], rows)
     return lines

@@ -7,7 +7,8 @@ stops cleanly on SIGINT, saves checkpoints/last.ckpt at the end of training and 
 SIGTERM, stores the resolved config inside every checkpoint (so --resume can check the
 hyper-parameters), and builds summary.json. AtomicCheckpointIO: every checkpoint is
 written to a temporary file in the same directory and renamed into place, so a crash
-never leaves a half-written checkpoint.
+never leaves a half-written checkpoint. StepTensorBoardLogger: TensorBoard's x-axis in
+the same step count as everything else (optimizer steps taken, trainer.global_step).
 
 Only rank 0 writes files (Lightning's own checkpoint saving is rank-0 already).
 """
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from adashift_pl.config import dump_yaml, plain
@@ -50,6 +52,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         atomic_write(Path(path), lambda f: torch.save(checkpoint, f), binary=True)
+
+
+def planned_steps(trainer) -> int | None:
+    """The optimizer steps this run will have taken when it ends: Lightning's estimate, i.e.
+    max_steps or max_epochs x (batches per epoch / accumulation), whichever comes first (None when
+    unbounded). Call it once the train loader exists (on_train_start): earlier, Lightning builds the
+    loader itself and a resumed run's saved loader state is then never restored into it."""
+    total = trainer.estimated_stepping_batches
+    return int(total) if math.isfinite(total) and total > 0 else None
+
+
+class StepTensorBoardLogger(TensorBoardLogger):
+    """TensorBoard with one x-axis: the optimizer steps taken when the value was recorded
+    (trainer.global_step), the same count as summary.json, checkpoint names and the progress line.
+
+    Lightning itself writes a training step's metrics and an in-training validation at
+    global_step - 1 (its batch counter, advanced at the very end of the batch) but epoch-end metrics
+    at global_step. Here train/loss at step N is the loss of the batch the N-th step descended on
+    (the first point is step 1), val/* at N is measured on the weights after N steps, and lr-* at
+    N is the learning rate the next step will use. RunCallback.setup binds the trainer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_trainer = None
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if self.step_trainer is not None:
+            step = self.step_trainer.global_step
+        super().log_metrics(metrics, step)
 
 
 def git_commit() -> str | None:
@@ -97,6 +128,7 @@ class RunCallback(Callback):
         self.fit_metrics: dict = {}  # callback_metrics at the end of fit (trainer.test replaces them)
         self.prior_seconds = 0.0  # wall seconds of earlier sessions of this run (restored on resume)
         self._t0 = time.time()
+        self.total_steps: int | None = None  # planned_steps(), known from on_train_start
         self._last_print_step = -1
         self._print_t = time.time()
         self._print_step = 0
@@ -121,6 +153,12 @@ class RunCallback(Callback):
     # ---- start ---------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._t0 = time.time()
+        for logger in trainer.loggers:
+            if isinstance(logger, StepTensorBoardLogger):
+                logger.step_trainer = trainer
+                # Open the event file now: its first record (TensorBoard's file_version event) marks
+                # this session's start, from which report's time-to-target counts.
+                _ = logger.experiment
         if trainer.global_rank == 0:
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.config))
 
@@ -128,13 +166,14 @@ class RunCallback(Callback):
         for logger in trainer.loggers:  # rank-zero-only inside the logger
             logger.log_hyperparams({k: (str(v) if isinstance(v, (list, tuple, dict)) or v is None else v)
                                     for k, v in self.hparams.items()})
-        if trainer.global_rank == 0 and not self.interactive:
-            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
-            print(f"training {self.config['task']} with {self.config['optimizer']['name']}: "
-                  f"{total} steps, run dir {self.run_dir}", flush=True)
-        self._print_t, self._print_step = time.time(), trainer.global_step
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.total_steps = planned_steps(trainer)
+        if trainer.global_rank == 0 and not self.interactive:
+            planned = f"{self.total_steps} steps" if self.total_steps else "no step limit"
+            print(f"training {self.config['task']} with {self.config['optimizer']['name']}: "
+                  f"{planned}, run dir {self.run_dir}", flush=True)
+        self._print_t, self._print_step = time.time(), trainer.global_step
         self._install_sigint()
 
     def _install_sigint(self) -> None:
@@ -180,17 +219,16 @@ class RunCallback(Callback):
                 self._print_progress(trainer)
 
     def _print_every(self, trainer) -> int:
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
         n = max(1, trainer.log_every_n_steps or 1)
-        if math.isfinite(total):
-            n = max(n, int(total) // 20)
+        if self.total_steps:
+            n = max(n, self.total_steps // 20)
         return n
 
     def _print_progress(self, trainer) -> None:
         now = time.time()
         rate = (trainer.global_step - self._print_step) / max(now - self._print_t, 1e-9)
         self._print_t, self._print_step = now, trainer.global_step
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        total = self.total_steps
         metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
         shown = ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())
                           if v is not None and not k.startswith(("corr/", "lr-")))

@@ -583,9 +583,8 @@ def _fit(args, argv, cfg, task_module, run_dir: Path, run_name: str, log_dir: Pa
 def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt) -> int:
     import lightning
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
 
-    from adashift_pl.run import AtomicCheckpointIO, RunCallback, git_commit
+    from adashift_pl.run import AtomicCheckpointIO, RunCallback, StepTensorBoardLogger, git_commit
 
     task_name, optimizer_name = cfg["task"], cfg["optimizer"]["name"]
     lightning.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -632,8 +631,8 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
     run_cb = RunCallback(run_dir=run_dir, config=cfg, hparams=hparams, monitor=monitor,
                          ckpt_key=CKPT_KEY, interactive=bool(trainer_kwargs["enable_progress_bar"]))
     callbacks.append(run_cb)
-    logger = TensorBoardLogger(save_dir=str(log_dir), name=f"{task_name}/{optimizer_name}", version=run_name,
-                               default_hp_metric=False)
+    logger = StepTensorBoardLogger(save_dir=str(log_dir), name=f"{task_name}/{optimizer_name}",
+                                   version=run_name, default_hp_metric=False)
     try:
         trainer = lightning.Trainer(logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                                     default_root_dir=str(run_dir), **trainer_kwargs)

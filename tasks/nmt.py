@@ -14,6 +14,7 @@ every checkpoint so a checkpoint can translate on its own.
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import lightning as L
@@ -218,18 +219,39 @@ def corpus_bleu(hyps: list[str], refs: list[str], tokenize: str = "13a") -> tupl
     return bleu.corpus_score(hyps, [refs]).score, str(bleu.get_signature())
 
 
+# The escapes of the Moses tokenizer (&apos; for ', &quot; for ", ...): text that has them was tokenized.
+MOSES_ESCAPE = re.compile(r"&(?:apos|quot|amp|lt|gt|#91|#93|#124);")
+
+
+def bleu_tokenizer_for(data_source: str, own_files: bool, refs: list[str]) -> tuple[str, str]:
+    """The sacreBLEU tokenizer that fits the data (model.bleu_tokenize: auto), and why.
+
+    The model reads and writes whitespace tokens of the corpus, so BLEU must not tokenize text
+    that is tokenized already: 13a splits IWSLT's `&apos;` into `& apos ;`, three extra matching
+    tokens per apostrophe, and inflates BLEU (the toy case of tests/test_nmt.py: 23.8 with `none`,
+    the whitespace-token BLEU tensorflow/nmt's scorer computes, against 34.7 with 13a).
+    Detokenized text of one's own is what 13a is for."""
+    if data_source == "synthetic":
+        return "none", "the synthetic pair is whitespace-tokenized by construction (13a gives the same here)"
+    if not own_files:
+        return "none", "IWSLT'15 (Stanford files) is tokenized and Moses-escaped; tensorflow/nmt splits on spaces"
+    if any(MOSES_ESCAPE.search(r) for r in refs):
+        return "none", "the references carry Moses escapes (&apos; ...): tokenized text"
+    return "13a", "the references look detokenized (no Moses escapes): sacreBLEU's standard 13a"
+
+
 
 class NMTModule(L.LightningModule):
     def __init__(self, optimizer: dict, *, embed_dim: int = 512, hidden: int = 512, num_layers: int = 2,
                  encoder: str = "uni", attention: str = "scaled_luong", dropout: float = 0.2,
                  input_feeding: bool = True, tie_embeddings: str = "none", init_weight: float = 0.1,
                  beam_width: int = 10, length_penalty: float = 0.0, val_beam_width: int = 1,
-                 max_decode_len: int = 100, decode_len_ratio: float = 2.0, bleu_tokenize: str = "13a",
+                 max_decode_len: int = 100, decode_len_ratio: float = 2.0, bleu_tokenize: str = "auto",
                  num_examples: int = 3):
         super().__init__()
         self.save_hyperparameters()
-        if bleu_tokenize not in sacrebleu.metrics.BLEU.TOKENIZERS:
-            raise UserError(f"invalid model.bleu_tokenize {bleu_tokenize!r}: allowed are "
+        if bleu_tokenize != "auto" and bleu_tokenize not in sacrebleu.metrics.BLEU.TOKENIZERS:
+            raise UserError(f"invalid model.bleu_tokenize {bleu_tokenize!r}: allowed are auto (from the data), "
                             f"{', '.join(sacrebleu.metrics.BLEU.TOKENIZERS)}")
         for name in ("embed_dim", "hidden", "num_layers", "beam_width", "val_beam_width", "max_decode_len"):
             value = getattr(self.hparams, name)
@@ -240,7 +262,10 @@ class NMTModule(L.LightningModule):
         self.model: Seq2Seq | None = None
         self.src_vocab = self.tgt_vocab = None
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
-        self.val_bleu = SacreBLEUScore(tokenize=bleu_tokenize)
+        # auto: chosen in setup(), once the data is known (bleu_tokenizer_for); a given one always wins
+        self.bleu_tokenize = None if bleu_tokenize == "auto" else bleu_tokenize
+        self.bleu_tokenize_why = None if bleu_tokenize == "auto" else "set by model.bleu_tokenize"
+        self.val_bleu = SacreBLEUScore(tokenize=bleu_tokenize) if self.bleu_tokenize else None
         self.test_bleu: float | None = None
         self.test_bleu_signature: str | None = None
         self._outputs: dict[int, tuple[str, str, str]] = {}
@@ -260,6 +285,10 @@ class NMTModule(L.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if self.model is None and dm is not None:
             self.build_model(dm.src_vocab, dm.tgt_vocab)
+        if self.bleu_tokenize is None and dm is not None:
+            self.bleu_tokenize, self.bleu_tokenize_why = bleu_tokenizer_for(
+                dm.data_source, bool(dm.hparams.train_src), dm.valid.ref_text + dm.test.ref_text)
+            self.val_bleu = SacreBLEUScore(tokenize=self.bleu_tokenize)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nmt_vocab"] = {"src": self.src_vocab.itos, "tgt": self.tgt_vocab.itos}
@@ -333,7 +362,7 @@ class NMTModule(L.LightningModule):
             outputs = {i: o for part in parts for i, o in part.items()}
         order = sorted(outputs)
         self.test_bleu, self.test_bleu_signature = corpus_bleu(
-            [outputs[i][2] for i in order], [outputs[i][1] for i in order], self.hparams.bleu_tokenize)
+            [outputs[i][2] for i in order], [outputs[i][1] for i in order], self.bleu_tokenize)
         self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss), "test/bleu": self.test_bleu}, sync_dist=True)
         self.test_nll.reset()
         self._log_examples("test/examples")
@@ -360,6 +389,7 @@ class NMTModule(L.LightningModule):
         """Task-specific entries for summary.json["extra"] (train.py merges them)."""
         dm = self.trainer.datamodule if self._trainer is not None else None
         return {"test_bleu": self.test_bleu, "bleu_signature": self.test_bleu_signature,
+                "bleu_tokenize": self.bleu_tokenize, "bleu_tokenize_why": self.bleu_tokenize_why,
                 "beam_width": self.hparams.beam_width, "length_penalty": self.hparams.length_penalty,
                 "data": dict(dm.stats) if dm is not None else None}
 

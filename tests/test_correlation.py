@@ -143,6 +143,78 @@ def test_pearson_equals_numpy_on_the_same_samples():
     assert res["coords"]["w"] == want["g2_v"][1] == k - 1
 
 
+def test_a_parameter_without_a_gradient_is_skipped_not_recorded_as_zero():
+    """A tensor the loss did not use at a step has grad None, and Adam leaves its v alone: that step
+    is no sample of it (not g = 0 against a stale v), and the other tensors are sampled as usual --
+    also while the unused one has no v at all yet. Checked against numpy on the steps it was used."""
+    k, steps, lr = 30, 240, 1e-2
+    w, u = nn.Parameter(torch.zeros(8, 10)), nn.Parameter(torch.zeros(6, 10))
+    opt = build_optimizer("adam", [w, u], betas=(0.0, 0.9), lr=lr)
+    cb = MomentCorrelation(every_n_steps=1, num_coords=k, window=None, lags=(1,), seed=3)
+    cb.attach(opt, {w: "w", u: "u"})
+    idx = {name: entry[3] for name, entry in zip(cb.trackers[0].names, cb.trackers[0].entries)}
+    record: dict[str, dict[int, tuple]] = {"w": {}, "u": {}}  # step -> (g, v_hat) at the sampled coordinates
+    t = 0
+
+    def rec(optimizer, args, kwargs):  # runs after the callback's hook
+        for name, p in (("w", w), ("u", u)):
+            if p.grad is not None:
+                st = optimizer.state[p]
+                v_hat = st["exp_avg_sq"].reshape(-1)[idx[name]] / (1 - 0.9 ** int(st["step"]))
+                record[name][t] = (p.grad.reshape(-1)[idx[name]].double().numpy().copy(), v_hat.double().numpy())
+
+    opt.register_step_post_hook(rec)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(1, steps + 1):
+        scale = 1 + 0.5 * math.sin(t / 7)
+        w.grad = scale * torch.randn(w.shape, generator=gen)
+        used = t > 30 and t % 3 != 0  # u: no gradient for 30 steps, then none at every third step
+        u.grad = scale * torch.randn(u.shape, generator=gen) if used else None
+        opt.step()
+
+    def mean_pearson(x, y):
+        return float(np.mean([np.corrcoef(x[:, i], y[:, i])[0, 1] for i in range(x.shape[1])]))
+
+    res = cb.compute()
+    eps = opt.param_groups[0]["eps"]
+    for name in ("w", "u"):
+        seen = record[name]
+        sampled = [s for s in sorted(seen) if s - 1 in seen]  # g_t, v_t and the lag-1 gradient all there
+        g = np.stack([seen[s][0] for s in sampled])
+        v = np.stack([seen[s][1] for s in sampled])
+        g_prev = np.stack([seen[s - 1][0] for s in sampled])
+        assert len(sampled) == (steps - 1 if name == "w" else 70), name  # u: t = 32, 35, ..., 239
+        want = {"g2_v": mean_pearson(g ** 2, v), "absg_step": mean_pearson(np.abs(g), lr / (np.sqrt(v) + eps)),
+                "temporal_lag1": mean_pearson(g, g_prev)}
+        for metric, value in want.items():
+            assert res["tensors"][name][metric] == pytest.approx(value, abs=2e-4), (name, metric)
+        assert res["coords"][name] == k
+    assert res["samples"] == steps - 1
+
+
+@pytest.mark.parametrize("name", ["adam", "adashift"])
+def test_paper_protocol_updates_v_only_where_there_was_a_gradient(name):
+    """The recomputed v of a tensor without a gradient at a step is neither decayed nor fed g = 0."""
+    w, u = nn.Parameter(torch.zeros(4, 8)), nn.Parameter(torch.zeros(4, 8))
+    opt = build_optimizer(name, [w, u], betas=(0.0, 0.9), **({"keep_num": 1} if name == "adashift" else {}))
+    cb = MomentCorrelation(every_n_steps=1, num_coords=16, window=None, lags=(1,), protocol="paper")
+    cb.attach(opt, {w: "w", u: "u"})
+    gen = torch.Generator().manual_seed(0)
+    used = 0
+    for t in range(1, 121):
+        w.grad = torch.randn(w.shape, generator=gen)
+        u.grad = torch.randn(u.shape, generator=gen) if t % 4 else None
+        used += u.grad is not None
+        opt.step()
+    tr = cb.trackers[0]
+    w_rows, u_rows = tr.segment == 0, tr.segment == 1
+    ready_from = 2 if name == "adashift" else 1  # AdaShift (n = 1) has a v from its second gradient on
+    assert (tr.v_rec_count[w_rows] == 120 - ready_from + 1).all()
+    assert (tr.v_rec_count[u_rows] == used - ready_from + 1).all()
+    res = cb.compute()
+    assert all(math.isfinite(res["tensors"]["u"][m]) for m in ("g2_v", "absg_step", "temporal_lag1"))
+
+
 def test_planted_temporal_and_spatial_correlation():
     # g_t[i] = e_t[i] + u_t + u_{t-1} with u shared by all coordinates (an MA(1) common component):
     # corr(g_t[i], g_{t-1}[j]) = corr(g_t[i], g_{t-1}[i]) = 1/3 for any i, j; lag 2: 0.

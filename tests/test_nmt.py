@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import lightning as L
@@ -218,6 +219,68 @@ def test_bleu_of_known_strings_matches_sacrebleu():
     # the validation curve (torchmetrics, 0-1) agrees when every n-gram order has a match
     from torchmetrics.text import SacreBLEUScore
     assert 100 * float(SacreBLEUScore(tokenize="13a")(hyps, [[r] for r in refs])) == pytest.approx(score, abs=1e-3)
+
+
+# IWSLT'15-like text: Moses-tokenized, apostrophes escaped as the &apos; token
+APOS_REFS = ["it &apos;s a small world , isn &apos;t it ?", "we don &apos;t know what they &apos;re doing .",
+             "that &apos;s the point of the talk ."]
+APOS_HYPS = ["it &apos;s a big world , is it ?", "we do not know what they &apos;re making .",
+             "this is the point of that talk ."]
+
+
+def whitespace_bleu(hyps: list[str], refs: list[str], order: int = 4) -> float:
+    """Corpus BLEU on whitespace tokens (tensorflow/nmt's scorer), written out from Papineni et al."""
+    from collections import Counter
+
+    matches, totals, hyp_len, ref_len = [0] * order, [0] * order, 0, 0
+    for h, r in zip(hyps, refs):
+        h, r = h.split(), r.split()
+        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
+        for n in range(1, order + 1):
+            hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+            rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            matches[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
+            totals[n - 1] += max(len(h) - n + 1, 0)
+    log_p = sum(math.log(m / t) for m, t in zip(matches, totals)) / order
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return 100 * brevity * math.exp(log_p)
+
+
+def test_bleu_tokenizer_is_chosen_from_the_data():
+    assert nmt.bleu_tokenizer_for("real", False, APOS_REFS)[0] == "none"  # IWSLT'15, Stanford files
+    assert nmt.bleu_tokenizer_for("synthetic", False, [])[0] == "none"
+    assert nmt.bleu_tokenizer_for("real", True, APOS_REFS)[0] == "none"  # own files, tokenized
+    assert nmt.bleu_tokenizer_for("real", True, ["It's a small world, isn't it?"])[0] == "13a"  # detokenized
+    # why it matters: 13a splits &apos; into & apos ; and inflates BLEU; none is tensorflow/nmt's number
+    none, signature = nmt.corpus_bleu(APOS_HYPS, APOS_REFS, tokenize="none")
+    assert none == pytest.approx(whitespace_bleu(APOS_HYPS, APOS_REFS), abs=1e-9) and "tok:none" in signature
+    assert nmt.corpus_bleu(APOS_HYPS, APOS_REFS, tokenize="13a")[0] > none + 10  # 34.7 against 23.8
+    # on the synthetic pair (punctuation is its own token) the two agree
+    src, tgt = pt.synthetic_corpus(50, seed=1)
+    refs, hyps = [" ".join(t) for t in tgt], [" ".join(t[:-2] + t[-1:]) for t in tgt]
+    assert nmt.corpus_bleu(hyps, refs, "none")[0] == pytest.approx(nmt.corpus_bleu(hyps, refs, "13a")[0])
+
+
+@pytest.mark.parametrize("setting, expected", [("auto", "none"), ("13a", "13a")])
+def test_iwslt_text_is_scored_on_its_own_tokens(tmp_path, one_thread, setting, expected):
+    """Stanford-layout files with &apos; tokens: the validation curve (torchmetrics) and the test
+    BLEU (sacreBLEU) both use `none`, unless model.bleu_tokenize names a tokenizer."""
+    d = write_stanford(tmp_path / "iwslt15.en-vi")
+    for stem, refs in (("tst2012", APOS_REFS), ("tst2013", APOS_REFS)):
+        (d / f"{stem}.en").write_text("".join("the cat\n" for _ in refs), encoding="utf-8")
+        (d / f"{stem}.vi").write_text("".join(r + "\n" for r in refs), encoding="utf-8")
+    model = dict(embed_dim=8, hidden=8, num_layers=2, encoder="bi", beam_width=2, bleu_tokenize=setting)
+    module, dm = nmt.build(model, dict(source="real", dir=str(tmp_path), batch_size=2, eval_batch_size=4),
+                           {"name": "adam"}, seed=0)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    trainer.fit(module, dm)
+    trainer.test(module, dm, verbose=False)
+    extra = module.summary_extra()
+    assert extra["bleu_tokenize"] == expected and f"tok:{expected}" in extra["bleu_signature"]
+    module.val_bleu.reset()
+    curve = 100 * float(module.val_bleu(APOS_HYPS, [[r] for r in APOS_REFS]))
+    assert curve == pytest.approx(nmt.corpus_bleu(APOS_HYPS, APOS_REFS, expected)[0], abs=1e-3)
 
 
 def test_vocab_round_trips_through_a_checkpoint():

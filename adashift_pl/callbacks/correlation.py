@@ -14,7 +14,10 @@ co-moments over time and reports, per tensor and overall (averaged over the samp
                                               in the same tensor)
 
 Pearson is taken per coordinate over time and then averaged over coordinates (coordinates whose
-series is constant over the window, e.g. always-zero gradients, are left out and counted).
+series is constant over the window, e.g. always-zero gradients, are left out and counted). A step at
+which a tracked parameter has no gradient (grad None: the loss did not use it, and the optimizer left
+its v alone) is no sample of that parameter's coordinates -- nor is a later step whose lagged
+gradient it would have been; the other parameters are sampled as usual.
 
 How it sees the gradient the optimizer used: a ``register_step_post_hook`` on each optimizer. It fires
 only when ``step()`` ran (not for steps the AMP GradScaler skipped), after AMP unscaling and gradient
@@ -27,11 +30,16 @@ tensor is O(K * (3 + 2 * len(lags))) floats plus a ring of max(lags) gradient sa
 
 Protocols (recorded with every number):
   live   v_t as the optimizer keeps it.
-  paper  Appendix C: v recomputed from the observed gradients with a fixed ``protocol_beta2`` (0.9 in the
-         paper), for Adam-type optimizers from g_t^2, for every other family from the innovations of its
-         own v (so AdaShift's recomputed v is still built from phi(g_{t-n}^2)). Optionally the
-         parameters are frozen after ``freeze_after_step`` optimizer steps (the paper froze them after
-         epoch 20) so that later gradients are samples at one fixed point; measuring then starts.
+  paper  After Appendix C, which trains the MNIST MLP "until converge", gathers the second hidden
+         layer's gradient at every step and computes v_t and the correlations over "the last 10
+         epochs". It states no beta2 and no schedule beyond that, so two settings here are ours:
+         v is recomputed from the observed gradients with a fixed ``protocol_beta2`` -- default 0.9,
+         an INFERENCE: Adam's reported 0.435885 equals sqrt(1 - 0.9^2), the value i.i.d. gradients
+         give -- for Adam-type optimizers from g_t^2, for every other family from the innovations
+         of its own v (so AdaShift's recomputed v is still built from phi(g_{t-n}^2)). Optionally
+         the parameters are frozen after ``freeze_after_step`` optimizer steps, so that later
+         gradients are samples at one fixed point (our stand-in for "until converge"; the paper
+         does not freeze); measuring then starts.
 """
 from __future__ import annotations
 
@@ -135,7 +143,8 @@ class _CoMoments:
     """Exponentially weighted mean/variance/covariance, updated in place (Welford form, stable).
 
     With a_n = max(1/n, 1/window) the first ``window`` samples are an exact running (population)
-    average, later ones decay with horizon ``window``; window=None keeps the exact average of all."""
+    average, later ones decay with horizon ``window``; window=None keeps the exact average of all.
+    n counts the samples of each coordinate: an update may skip some coordinates (``valid``)."""
 
     def __init__(self, num_x: int, pair_x: list[int], num_coords: int, device, window: float | None):
         self.pair_x = torch.tensor(pair_x, dtype=torch.long, device=device)
@@ -143,21 +152,26 @@ class _CoMoments:
         f32 = dict(dtype=torch.float32, device=device)
         self.mx, self.vxx = torch.zeros(shape_x, **f32), torch.zeros(shape_x, **f32)
         self.my, self.vyy, self.cxy = (torch.zeros(shape_y, **f32) for _ in range(3))
-        self.n = 0
+        self.n = torch.zeros(num_coords, dtype=torch.long, device=device)
         self.window = window
 
-    def update(self, x: Tensor, y: Tensor, weight_steps: int = 1) -> None:
-        self.n += 1
-        a = 1.0 / self.n
+    def update(self, x: Tensor, y: Tensor, weight_steps: int = 1, valid: Tensor | None = None) -> None:
+        """One sample of every coordinate, or of those where ``valid`` (the others keep their state)."""
+        if valid is None:
+            valid = torch.ones_like(self.n, dtype=torch.bool)
+        self.n += valid
+        a = 1.0 / self.n.clamp_min(1).float()
         if self.window is not None:
-            a = max(a, min(1.0, weight_steps / self.window))
-        dx, dy = x - self.mx, y - self.my
-        self.mx.add_(dx, alpha=a)
-        self.my.add_(dy, alpha=a)
+            a = a.clamp_min(min(1.0, weight_steps / self.window))
+        a = torch.where(valid, a, 0.0)  # a = 0: no change at all
+        dx = torch.where(valid, x - self.mx, 0.0)  # skipped coordinates may hold NaN
+        dy = torch.where(valid, y - self.my, 0.0)
+        self.mx.addcmul_(dx, a)
+        self.my.addcmul_(dy, a)
         c = a * (1.0 - a)  # (1-a) * (S + a d d')
-        self.vxx.mul_(1.0 - a).addcmul_(dx, dx, value=c)
-        self.vyy.mul_(1.0 - a).addcmul_(dy, dy, value=c)
-        self.cxy.mul_(1.0 - a).addcmul_(dx.index_select(0, self.pair_x), dy, value=c)
+        self.vxx.mul_(1.0 - a).addcmul_(dx * dx, c)
+        self.vyy.mul_(1.0 - a).addcmul_(dy * dy, c)
+        self.cxy.mul_(1.0 - a).addcmul_(dx.index_select(0, self.pair_x) * dy, c)
 
     def pearson(self) -> tuple[Tensor, Tensor]:
         """Per pair and coordinate: (r, valid)."""
@@ -167,16 +181,15 @@ class _CoMoments:
         return torch.where(valid, r.clamp(-1.0, 1.0), torch.zeros_like(r)), valid
 
     def reset(self) -> None:
-        for t in (self.mx, self.vxx, self.my, self.vyy, self.cxy):
+        for t in (self.mx, self.vxx, self.my, self.vyy, self.cxy, self.n):
             t.zero_()
-        self.n = 0
 
     def state_dict(self) -> dict:
-        return {"n": self.n, "mx": self.mx.cpu(), "vxx": self.vxx.cpu(), "my": self.my.cpu(),
+        return {"n": self.n.cpu(), "mx": self.mx.cpu(), "vxx": self.vxx.cpu(), "my": self.my.cpu(),
                 "vyy": self.vyy.cpu(), "cxy": self.cxy.cpu()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.n = int(sd["n"])
+        self.n.copy_(torch.as_tensor(sd["n"]))  # a plain int in checkpoints before per-coordinate counts
         for k in ("mx", "vxx", "my", "vyy", "cxy"):
             getattr(self, k).copy_(sd[k])
 
@@ -258,11 +271,11 @@ class _Tracker:
         self.device = device
         self.step = 0                       # optimizer steps seen by the hook
         self.ring: dict[int, Tensor] = {}   # step -> normalised g sample (for the lags)
-        self.scale: Tensor | None = None    # per-coordinate (g, v, step) scales fixed at the first sample
-        self.scaled_v = False
+        self.scale: Tensor | None = None    # per-coordinate (g, v, step) scales, fixed per tensor ...
+        self.scaled = torch.zeros(3, len(counts), dtype=torch.bool)  # ... at its first finite sample
         self.v_rec: Tensor | None = None    # paper protocol: recomputed v (un-bias-corrected) ...
         self.v_rec_max: Tensor | None = None
-        self.v_rec_count = 0                # ... and its number of updates
+        self.v_rec_count: Tensor | None = None  # ... and its number of updates, per coordinate
         self.ema_prev: Tensor | None = None  # the optimizer's own v at the previous step (innovations)
         self.frozen: list[Tensor] | None = None
         self._vidx: dict[tuple[int, tuple], Tensor] = {}
@@ -272,18 +285,21 @@ class _Tracker:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     # -- sampling ----------------------------------------------------------------------------------
-    def _gather(self, which: str) -> Tensor | None:
-        """The sampled coordinates of g ('g'), v ('v') or the optimizer's EMA ('ema'), float32."""
+    def _gather(self, which: str) -> Tensor:
+        """The sampled coordinates of g ('g'), v ('v') or the optimizer's EMA ('ema'), float32; NaN for
+        a tensor without one: no grad at this step (unused by the loss: its v is stale, so it is no
+        sample at all), or no v yet."""
         out = []
         for k, (name, p, group, idx) in enumerate(self.entries):
             if which == "g":
                 g = p.grad
-                out.append(torch.zeros(idx.numel(), device=self.device) if g is None
+                out.append(torch.full((idx.numel(),), math.nan, device=self.device) if g is None
                            else torch.take(g.detach(), idx).float())  # take: flat index, any layout
                 continue
             state = self.optimizer.state.get(p, {})
             if not state or not self.adapter.ready(state, group):
-                return None
+                out.append(torch.full((idx.numel(),), math.nan, device=self.device))
+                continue
             t = self.adapter.v(state, group) if which == "v" else self.adapter.ema(state, group)
             key = (k, tuple(t.shape))
             if key not in self._vidx:
@@ -301,7 +317,8 @@ class _Tracker:
         rows = []
         for name, p, group, idx in self.entries:
             state = self.optimizer.state.get(p, {})
-            bc = 1.0 - group["betas"][1] ** self.adapter.count(state, group) if state else 1.0
+            ready = bool(state) and self.adapter.ready(state, group)  # else no v: the coordinates are skipped
+            bc = 1.0 - group["betas"][1] ** self.adapter.count(state, group) if ready else 1.0
             rows.append((float(group["lr"]), 1.0 / bc, float(group.get("eps", 1e-8))))
         if all(r == rows[0] for r in rows):
             return rows[0]
@@ -336,7 +353,7 @@ class _Tracker:
         g = self._gather("g")
         if self.scale is None:
             self.scale = torch.ones(3, self.num, device=self.device)
-            self.scale[0] = self._per_coord(self._segment_mean(g.abs()))
+        self._fix_scales(0, g)
         g = g / self.scale[0]
         if self.lags and (cb.freeze_after_step is None or t != cb.freeze_after_step):
             self.ring[t] = g
@@ -345,27 +362,26 @@ class _Tracker:
         if not (sample_now or paper):
             return
         v = self._gather("v")
-        if paper and v is not None:
-            self._recompute_v(g)
-        if not sample_now or v is None:
+        present = torch.isfinite(g) & torch.isfinite(v)  # per coordinate: a gradient and its v now
+        if paper:
+            self._recompute_v(g, present)
+        if not sample_now:
             return
         if any((t - lag) not in self.ring for lag in self.lags):
             return  # not enough history yet for every lag
         lr, inv_bc, eps = self._group_scalars()
         if paper:
-            if self.v_rec is None or self.v_rec_count == 0:
+            if self.v_rec is None:
                 return
             b2 = cb.protocol_beta2
             v_used = self.v_rec_max if self.v_rec_max is not None else self.v_rec
-            v_hat = v_used / (1.0 - b2 ** self.v_rec_count)
+            v_hat = v_used / (1.0 - b2 ** self.v_rec_count)  # NaN where no update yet: skipped below
         else:
             v_hat = v * inv_bc
         # v_rec / v are not normalised: lr/(sqrt(v_hat)+eps) needs the real value
         step_size = lr / (v_hat.sqrt() + eps)
-        if not self.scaled_v:  # fixed per-tensor scales keep float32 co-moments far from underflow
-            self.scale[1] = self._per_coord(self._segment_mean(v_hat.abs()))
-            self.scale[2] = self._per_coord(self._segment_mean(step_size.abs()))
-            self.scaled_v = True
+        self._fix_scales(1, v_hat)
+        self._fix_scales(2, step_size)
         v_hat = v_hat / self.scale[1]
         step_size = step_size / self.scale[2]
         x = torch.stack([g * g, g.abs(), g])  # Pearson is invariant to the per-tensor scales
@@ -375,16 +391,34 @@ class _Tracker:
             rows_y = torch.cat([torch.stack(rows), lagged, lagged.index_select(1, self.partner)])
         else:
             rows_y = torch.stack(rows)
-        self.moments.update(x, rows_y, weight_steps=k)
+        # A coordinate is sampled only with all of it: g_t and v_t now and g at every lag. A tensor the
+        # loss did not use at one of those steps (grad None) is skipped, not recorded as g = 0.
+        valid = present & torch.isfinite(rows_y).all(0) & torch.isfinite(x).all(0)
+        self.moments.update(x, rows_y, weight_steps=k, valid=valid)
 
     def _segment_mean(self, x: Tensor) -> list[float]:
-        sums = torch.zeros(len(self.counts), device=x.device).index_add_(0, self.segment, x)
-        means = (sums / torch.tensor(self.counts, dtype=torch.float32, device=x.device)).tolist()
-        return [m if m > 0 and math.isfinite(m) else 1.0 for m in means]
+        """Per tensor, the mean of x's finite values (NaN for a tensor with none)."""
+        finite = torch.isfinite(x)
+        zeros = torch.zeros(len(self.counts), device=x.device)
+        sums = zeros.index_add(0, self.segment, torch.where(finite, x, 0.0))
+        counts = zeros.index_add(0, self.segment, finite.float())
+        return (sums / counts).tolist()
 
-    def _recompute_v(self, g_normalised: Tensor) -> None:
+    def _fix_scales(self, row: int, x: Tensor) -> None:
+        """Fix row ``row`` (g, v, step) of the per-tensor scales at each tensor's first finite sample of
+        x. Fixed scales keep float32 co-moments far from underflow; they never change afterwards (the
+        co-moments hold scaled values), and Pearson does not depend on them."""
+        if bool(self.scaled[row].all()):
+            return
+        for ti, m in enumerate(self._segment_mean(x.abs())):
+            if not self.scaled[row, ti] and math.isfinite(m):
+                self.scale[row, self.segment == ti] = m if m > 0 else 1.0
+                self.scaled[row, ti] = True
+
+    def _recompute_v(self, g_normalised: Tensor, present: Tensor) -> None:
         """paper protocol: v_rec = b2 v_rec + (1 - b2) u_t with u_t the input of the optimizer's own
-        v recurrence (g_t^2 for Adam-type; (v_t - beta2 v_{t-1}) / (1 - beta2) otherwise)."""
+        v recurrence (g_t^2 for Adam-type; (v_t - beta2 v_{t-1}) / (1 - beta2) otherwise), at the
+        coordinates ``present`` (with a gradient and a v at this step); the others keep theirs."""
         b2 = self.cb.protocol_beta2
         if self.adapter.elementwise_innovation:
             g = g_normalised * self.scale[0]
@@ -394,14 +428,14 @@ class _Tracker:
             prev = self.ema_prev if self.ema_prev is not None else torch.zeros_like(ema)
             beta2 = self._per_coord([e[2]["betas"][1] for e in self.entries])
             u = (ema - beta2 * prev) / (1.0 - beta2)
-            self.ema_prev = ema
+            self.ema_prev = torch.where(present, ema, prev)
         if self.v_rec is None:
-            self.v_rec = torch.zeros_like(u)
-        self.v_rec.mul_(b2).add_(u, alpha=1.0 - b2)
-        self.v_rec_count += 1
+            self.v_rec, self.v_rec_count = torch.zeros_like(u), torch.zeros_like(u)
+        self.v_rec = torch.where(present, b2 * self.v_rec + (1.0 - b2) * u, self.v_rec)
+        self.v_rec_count += present
         if any(self.adapter.running_max(e[2]) for e in self.entries):
-            self.v_rec_max = self.v_rec.clone() if self.v_rec_max is None else torch.maximum(self.v_rec_max,
-                                                                                               self.v_rec)
+            self.v_rec_max = (torch.where(present, self.v_rec, 0.0) if self.v_rec_max is None
+                              else torch.where(present, torch.maximum(self.v_rec_max, self.v_rec), self.v_rec_max))
 
     # -- results -----------------------------------------------------------------------------------
     def metric_names(self) -> list[str]:
@@ -426,10 +460,10 @@ class _Tracker:
                 "moments": self.moments.state_dict(),
                 "ring_steps": list(self.ring.keys()),
                 "ring": torch.stack(list(self.ring.values())).cpu() if self.ring else torch.zeros(0),
-                "scale": None if self.scale is None else self.scale.cpu(), "scaled_v": self.scaled_v,
+                "scale": None if self.scale is None else self.scale.cpu(), "scaled": self.scaled.clone(),
                 "v_rec": None if self.v_rec is None else self.v_rec.cpu(),
                 "v_rec_max": None if self.v_rec_max is None else self.v_rec_max.cpu(),
-                "v_rec_count": self.v_rec_count,
+                "v_rec_count": None if self.v_rec_count is None else self.v_rec_count.cpu(),
                 "ema_prev": None if self.ema_prev is None else self.ema_prev.cpu()}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -444,8 +478,14 @@ class _Tracker:
         opt = lambda key: None if sd.get(key) is None else sd[key].to(dev)  # noqa: E731
         self.scale, self.v_rec, self.v_rec_max, self.ema_prev = (opt("scale"), opt("v_rec"), opt("v_rec_max"),
                                                                  opt("ema_prev"))
-        self.v_rec_count = int(sd["v_rec_count"])
-        self.scaled_v = bool(sd.get("scaled_v", False))
+        count = sd.get("v_rec_count")
+        self.v_rec_count = (None if self.v_rec is None else  # a plain int before per-coordinate counts
+                            torch.as_tensor(count, dtype=torch.float32).expand_as(self.v_rec).clone().to(dev))
+        if "scaled" in sd:
+            self.scaled = sd["scaled"].clone()
+        else:  # before per-tensor flags: g's scale fixed with the first sample, v's and the step's together
+            self.scaled[0] = self.scale is not None
+            self.scaled[1:] = bool(sd.get("scaled_v", False))
         if self.cb.freeze_after_step is not None and self.step >= self.cb.freeze_after_step:
             # frozen parameters do not move, so the restored ones are the fixed point
             self.frozen = [p.detach().clone() for p in self._all_params()]
@@ -467,9 +507,11 @@ class MomentCorrelation(Callback):
         lags: the n of corr(g_t, g_{t-n}) (temporal) and corr(g_t[i], g_{t-n}[j]) (spatial).
         seed: fixes the sampled coordinates (identical on every DDP rank).
         protocol: "live" (the optimizer's own v_t) or "paper" (v recomputed with ``protocol_beta2``).
-        protocol_beta2: the fixed beta2 of the paper protocol (Appendix C used 0.9).
-        freeze_after_step: paper protocol option: after this many optimizer steps the parameters are
-            held fixed (the optimizer's update is undone after every step) and measuring starts.
+        protocol_beta2: the fixed beta2 of the paper protocol. Appendix C does not state one; 0.9 is
+            inferred from its Adam value 0.436 = sqrt(1 - 0.9^2).
+        freeze_after_step: paper protocol option (ours, not the paper's): after this many optimizer
+            steps the parameters are held fixed (the optimizer's update is undone after every step)
+            and measuring starts.
         start_step: first optimizer step whose sample enters the co-moments.
         include: fnmatch patterns of parameter names to track (None: every parameter).
         max_tensors: track at most this many tensors (evenly spaced in parameter order; None: no limit).
@@ -550,7 +592,7 @@ class MomentCorrelation(Callback):
         totals: dict[str, list[float]] = {}
         for tr in self.trackers:
             s, s2, c = tr.sums()
-            out["samples"] = max(out["samples"], tr.moments.n)
+            out["samples"] = max(out["samples"], int(tr.moments.n.max()) if tr.num else 0)
             for mi, metric in enumerate(tr.metric_names()):
                 tot = totals.setdefault(metric, [0.0, 0.0, 0.0])
                 tot[0] += float(s[mi].sum())
