@@ -172,11 +172,11 @@ def test_augmented_batches_do_not_depend_on_workers_and_resume_mid_epoch(tmp_pat
         it = iter(loader)
         for _ in range(done):
             next(it)
-        assert loader.position() == {"epoch": epoch, "batches": done}
+        next_epoch = epoch + (done == 5)
+        assert loader.position() == {"epoch": next_epoch, "batches": done % 5}
         resumed = _cifar(tmp_path, num_workers=2, persistent_workers=False)
         resumed.load_state_dict({"train_loader": loader.position()})
         rest = resumed.train_dataloader()
-        next_epoch = epoch + (done == 5)
         rest.sampler.set_epoch(next_epoch)  # what the trainer does before an epoch
         assert_same_state([x for x, _ in rest], plain[5 * epoch + done: 5 * (next_epoch + 1)])
 
@@ -215,10 +215,20 @@ def test_mnist_stopped_by_max_steps_resumes_bit_identically(tmp_path):
         assert fit(part, *MNIST, "--trainer.max_steps", str(stop)) == 0
         ckpt, _ = final(part)
         assert ckpt["epoch"] == stop // 10  # an epoch cut short is not counted as finished
-        assert data_position(ckpt) == {"epoch": (stop - 1) // 10, "batches": (stop - 1) % 10 + 1}
+        assert data_position(ckpt) == {"epoch": stop // 10, "batches": stop % 10}
         assert fit(part, "--task", "mnist_logreg", "--optimizer", "adam", "--resume", "last",
                    "--trainer.max_steps", "25") == 0
         assert_same_end(tmp_path / "full", part)
+
+
+def test_an_epoch_shortened_by_limit_train_batches_resumes_bit_identically(tmp_path):
+    limited = [*MNIST, "--trainer.limit_train_batches", "6"]  # epochs of 6 of the loader's 10 batches
+    assert fit(tmp_path / "full", *limited, "--trainer.max_steps", "15") == 0
+    assert fit(tmp_path / "part", *limited, "--trainer.max_steps", "6") == 0  # the end of epoch 0
+    assert data_position(final(tmp_path / "part")[0]) == {"epoch": 1, "batches": 0}
+    assert fit(tmp_path / "part", "--task", "mnist_logreg", "--optimizer", "adam", "--resume", "last",
+               "--trainer.max_steps", "15") == 0
+    assert_same_end(tmp_path / "full", tmp_path / "part")
 
 
 def test_mnist_ctrl_c_at_an_epoch_end_resumed_with_two_workers_is_bit_identical(tmp_path, monkeypatch):
@@ -286,6 +296,6 @@ def test_nmt_with_dropout_resumes_bit_identically(tmp_path):
     for stop in (10, 17):  # the end of epoch 0, mid-epoch
         part = tmp_path / f"part{stop}"
         assert fit(part, *NMT, "--trainer.max_steps", str(stop)) == 0
-        assert data_position(final(part)[0]) == {"epoch": (stop - 1) // 10, "batches": (stop - 1) % 10 + 1}
+        assert data_position(final(part)[0]) == {"epoch": stop // 10, "batches": stop % 10}
         assert fit(part, "--task", "nmt", "--optimizer", "adam", "--resume", "last", "--trainer.max_steps", "25") == 0
         assert_same_end(tmp_path / "full", part)

@@ -90,29 +90,33 @@ class ResumableLoader(DataLoader):
     """A DataLoader over a ResumableSampler that knows its position: the epoch and how many batches of
     it were handed out (to the training loop: DataLoader workers read ahead, so the sampler cannot tell).
 
-    `resume(position)` before the next iteration makes it start there: that epoch at that batch, or
-    the next epoch when the saved one was complete.
+    `resume(position)` before the next iteration makes it start there.
     """
 
     sampler: ResumableSampler
 
     def __init__(self, dataset: Dataset, *, sampler: ResumableSampler, **kwargs: Any):
         super().__init__(dataset, sampler=sampler, **kwargs)
-        self._epoch, self._batches = sampler.epoch, 0
+        self._epoch, self._batches = getattr(sampler, "epoch", 0), 0
         self._resume_at: tuple[int, int] | None = None
 
-    def position(self) -> dict[str, int]:
+    def position(self, epoch_length: int | None = None) -> dict[str, int]:
+        """Where the next batch comes from: {"epoch", "batches"}; after the epoch's last batch (the
+        loader's length, or the trainer's `epoch_length` under limit_train_batches), the next epoch."""
+        if self._batches >= (epoch_length or len(self)):
+            return {"epoch": self._epoch + 1, "batches": 0}
         return {"epoch": self._epoch, "batches": self._batches}
 
     def resume(self, position: dict[str, int]) -> None:
         epoch, batches = int(position["epoch"]), int(position["batches"])
-        if batches >= len(self):
-            epoch, batches = epoch + 1, 0
         self.sampler.set_epoch(epoch)
         self._epoch, self._batches, self._resume_at = epoch, batches, (epoch, batches)
 
     def __iter__(self) -> Iterator:
         # A generator: the body runs at the first next(), after the trainer's set_epoch for this epoch.
+        if not isinstance(self.sampler, ResumableSampler):  # Lightning swapped it (overfit_batches): plain
+            yield from super().__iter__()
+            return
         epoch, skip = self.sampler.epoch, 0
         if self._resume_at is not None:
             if epoch != self._resume_at[0]:
@@ -160,7 +164,10 @@ class ResumableDataModule(L.LightningDataModule):
         return loader
 
     def state_dict(self) -> dict:
-        return {"train_loader": self._train_loader.position()} if self._train_loader is not None else {}
+        if self._train_loader is None:
+            return {}
+        epoch_length = self.trainer.num_training_batches if self.trainer is not None else None
+        return {"train_loader": self._train_loader.position(epoch_length)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_position = state_dict.get("train_loader")
