@@ -17,7 +17,9 @@ restored; `trainer.estimated_stepping_batches` in an `on_fit_start` does -- Ligh
 
 `UnfinishedEpoch` is the trainer's half: Lightning counts an epoch cut short by `max_steps` or
 `trainer.should_stop` (Ctrl-C) as finished, so a run resumed from such a checkpoint starts the
-next epoch one too early -- a different data order, and an epoch counter one ahead.
+next epoch one too early -- a different data order, and an epoch counter one ahead; and with
+`max_steps` set it runs an empty epoch after resuming from the end of one. The callback writes
+checkpoint loop states Lightning resumes correctly.
 """
 
 from __future__ import annotations
