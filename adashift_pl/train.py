@@ -584,6 +584,7 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
     import lightning
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
+    from adashift_pl.data.resumable import UnfinishedEpoch
     from adashift_pl.run import AtomicCheckpointIO, RunCallback, StepTensorBoardLogger, git_commit
 
     task_name, optimizer_name = cfg["task"], cfg["optimizer"]["name"]
@@ -614,6 +615,7 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
                                mode=monitor[1], save_top_k=1)
         callbacks.append(best)
     callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks.append(UnfinishedEpoch())  # a stop mid-epoch is resumed mid-epoch (exact resume)
     corr_cb = None
     if args.correlation:
         corr_cb = make_correlation_callback(cfg.get("correlation"))

@@ -28,6 +28,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore
 
 from adashift_pl.data import parallel_text as pt
+from adashift_pl.data.resumable import ResumableDataModule, keyed_seed
 from adashift_pl.data.source import resolve_source
 from adashift_pl.errors import UserError
 from adashift_pl.optim import build_optimizer
@@ -247,7 +248,7 @@ class NMTModule(L.LightningModule):
                  input_feeding: bool = True, tie_embeddings: str = "none", init_weight: float = 0.1,
                  beam_width: int = 10, length_penalty: float = 0.0, val_beam_width: int = 1,
                  max_decode_len: int = 100, decode_len_ratio: float = 2.0, bleu_tokenize: str = "auto",
-                 num_examples: int = 3):
+                 num_examples: int = 3, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         if bleu_tokenize != "auto" and bleu_tokenize not in sacrebleu.metrics.BLEU.TOKENIZERS:
@@ -308,6 +309,11 @@ class NMTModule(L.LightningModule):
         target = batch["tgt_out"]
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=0)
         return loss, (target != 0).sum()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Dropout masks are a function of (seed, rank, step), not of an RNG's history: a resumed run
+        # draws the masks the uninterrupted run drew (nothing else trains from torch's global RNG).
+        torch.manual_seed(keyed_seed(self.hparams.seed, self.global_rank, self.global_step))
 
     def training_step(self, batch, batch_idx):
         loss, _ = self.token_nll(batch)
@@ -395,7 +401,7 @@ class NMTModule(L.LightningModule):
 
 
 # ============================================================================ DataModule
-class NMTDataModule(L.LightningDataModule):
+class NMTDataModule(ResumableDataModule):
     """IWSLT'15 En-Vi (Stanford layout under <dir>/iwslt15.en-vi), any parallel corpus given as
     files, or the built-in synthetic language pair."""
 
@@ -503,8 +509,9 @@ class NMTDataModule(L.LightningDataModule):
     def train_dataloader(self):
         h = self.hparams
         batches = pt.LengthGroupedBatches(self.train, h.batch_size, self.tgt_vocab, seed=h.seed, shuffle=True)
-        return DataLoader(batches, batch_size=None, shuffle=True, num_workers=h.num_workers,
-                          generator=torch.Generator().manual_seed(h.seed), persistent_workers=h.num_workers > 0)
+        # the order of the batches is shuffled per epoch and resumes mid-epoch (adashift_pl.data.resumable)
+        return self.resumable_loader(batches, seed=h.seed, batch_size=None, num_workers=h.num_workers,
+                                     persistent_workers=h.num_workers > 0)
 
     def _eval_loader(self, split):
         batches = pt.LengthGroupedBatches(split, self.hparams.eval_batch_size, self.tgt_vocab, shuffle=False)
@@ -519,4 +526,4 @@ class NMTDataModule(L.LightningDataModule):
 
 def build(model: dict, data: dict, optimizer: dict, seed: int):
     dm = NMTDataModule(seed=seed, **data)
-    return NMTModule(optimizer=optimizer, **model), dm
+    return NMTModule(optimizer=optimizer, seed=seed, **model), dm

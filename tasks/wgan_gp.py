@@ -42,6 +42,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from adashift_pl.data.resumable import ResumableDataModule
 from adashift_pl.errors import UserError
 from adashift_pl.optim import build_optimizer
 
@@ -151,7 +152,7 @@ class _TanhRange(Dataset):
         return (image * self.std + self.mean) * 2 - 1
 
 
-class ImageGANDataModule(L.LightningDataModule):
+class ImageGANDataModule(ResumableDataModule):
     """MNIST / CIFAR-10 from adashift_pl.data.vision (download, checksums, synthetic stand-in, splits), served
     as unlabelled images in [-1, 1], `batches_per_step` x `batch_size` per training batch (drop_last)."""
 
@@ -173,11 +174,11 @@ class ImageGANDataModule(L.LightningDataModule):
         self.inner.setup(stage)
 
     def train_dataloader(self) -> DataLoader:
-        inner = self.inner
-        return DataLoader(_TanhRange(inner.train_set, inner.mean, inner.std),
-                          batch_size=self.batch_size * self.batches_per_step, shuffle=True, drop_last=True,
-                          num_workers=inner.num_workers, persistent_workers=inner.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self.seed))
+        inner = self.inner  # resumes mid-epoch exactly (adashift_pl.data.resumable), augmentation keyed by epoch
+        return self.resumable_loader(_TanhRange(inner.train_set, inner.mean, inner.std), seed=self.seed,
+                                     yield_epoch=True, batch_size=self.batch_size * self.batches_per_step,
+                                     drop_last=True, num_workers=inner.num_workers,
+                                     persistent_workers=inner.num_workers > 0)
 
 
 # --------------------------------------------------------------------------- networks

@@ -130,7 +130,8 @@ TRAIN_CASES = {
     "mnist_logreg": ({}, [256, 32, 32], 32, {"name": "adashift", "lr": 1e-2, "betas": [0.0, 0.999], "keep_num": 1}, 24),
     "mnist_mlp": ({}, [256, 32, 32], 32, {"name": "adashift", "lr": 1e-2, "betas": [0.0, 0.999], "keep_num": 1}, 24),
     "cifar10_resnet18": ({"width": 8}, [16, 8, 8], 8, {"name": "adam", "lr": 1e-2}, 12),
-    "cifar10_densenet": ({"depth": 10, "growth_rate": 8}, [16, 8, 8], 8, {"name": "adam", "lr": 1e-2}, 12),
+    # 20 steps: with crop + flip, 12 steps cut the loss by only 8-15 % (seeds 0-3), too close to the 10 % asked
+    "cifar10_densenet": ({"depth": 10, "growth_rate": 8}, [16, 8, 8], 8, {"name": "adam", "lr": 1e-2}, 20),
     "tinyimagenet_densenet": ({"depth": 10, "growth_rate": 8, "stem_stride": 2}, [16, 8, 8], 8,
                               {"name": "adam", "lr": 1e-2}, 12),
 }

@@ -328,9 +328,10 @@ class LengthGroupedBatches(Dataset):
     """A data set whose items are whole batches of similar-length pairs (low padding).
 
     Pairs are sorted by (source, target) length -- for training after a seeded shuffle
-    so equal lengths mix -- and cut into batches of `batch_size`. The DataLoader
-    (batch_size=None) shuffles the *order* of batches, and under DDP Lightning's
-    DistributedSampler hands each rank different batches, as it would single items.
+    so equal lengths mix -- and cut into batches of `batch_size`; the batches are the
+    same in every epoch. The training DataLoader (batch_size=None, a ResumableSampler)
+    shuffles their *order* per epoch, resumes mid-epoch, and under DDP hands each rank
+    different batches, as DistributedSampler would single items.
     """
 
     def __init__(self, split: Split, batch_size: int, vocab: Vocab, *, seed: int = 0, shuffle: bool = True):

@@ -23,6 +23,10 @@ prototype image, each sample is its prototype (shifted by up to 1/8 of the
 image) mixed with a smooth random distractor and pixel noise; a linear model
 reaches roughly 85-100 % on them, a conv net more. Deterministic by `seed`.
 
+Training batches come from `adashift_pl.data.resumable`: the order of each epoch and every
+random crop/flip are functions of (seed, epoch, image), so a run resumed at any step, with any
+number of workers, sees exactly the images an uninterrupted run would.
+
 Downloads go through `adashift_pl.data.download` (a temporary name, checksum,
 then rename) with the URLs and md5 sums of torchvision's own MNIST / CIFAR10
 classes, so an interrupted download leaves nothing half-written; loading goes
@@ -39,7 +43,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from adashift_pl.data.download import check_file, download_url, extract_archive, temporary_sibling
+from adashift_pl.data.resumable import ResumableDataModule, seeded_call
 from adashift_pl.data.source import resolve_source
 from adashift_pl.errors import UserError
 
@@ -187,22 +191,33 @@ class ToNormalizedTensor:
 
 
 class TransformSubset(Dataset):
-    """`base[indices[i]]` with `transform` applied to the image: one copy of the data, two pipelines."""
+    """`base[indices[i]]` with `transform` applied to the image: one copy of the data, two pipelines.
 
-    def __init__(self, base: Dataset, indices: Sequence[int] | None, transform: Callable):
+    `augment` (random, e.g. crop + flip) runs before `transform` with torch's RNG seeded by
+    (seed, epoch, image index): the key is (i, epoch) as ResumableSampler(yield_epoch=True) yields
+    it; a plain index i draws epoch 0's augmentation.
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int] | None, transform: Callable,
+                 augment: Callable | None = None, seed: int = 0):
         self.base, self.indices, self.transform = base, indices, transform
+        self.augment, self.seed = augment, seed
 
     def __len__(self) -> int:
         return len(self.base) if self.indices is None else len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img, label = self.base[i if self.indices is None else int(self.indices[i])]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        index = i if self.indices is None else int(self.indices[i])
+        img, label = self.base[index]
+        if self.augment is not None:
+            img = seeded_call(self.augment, img, self.seed, epoch, index)
         return self.transform(img), label
 
 
 # --------------------------------------------------------------------------- data modules
 
-class _ImageDataModule(L.LightningDataModule):
+class _ImageDataModule(ResumableDataModule):
     """Everything the three data sets share; a subclass fills in the class attributes and the real-data hooks."""
 
     name: str
@@ -277,8 +292,9 @@ class _ImageDataModule(L.LightningDataModule):
         """(official train set, test set), images as PIL or uint8 CHW tensors, no transform."""
         raise NotImplementedError
 
-    def train_transform(self) -> Callable:
-        return self.eval_transform()
+    def augmentation(self) -> Callable | None:
+        """The random part of the training pipeline, applied before eval_transform (None: no augmentation)."""
+        return None
 
     def eval_transform(self) -> Callable:
         return ToNormalizedTensor(self.mean, self.std)
@@ -311,31 +327,30 @@ class _ImageDataModule(L.LightningDataModule):
             raise UserError(f"invalid data.val_size {self.val_size} for {self.name}: the training set has only "
                             f"{n} images")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        train_tf = self.train_transform() if self.augment else self.eval_transform()
-        self.train_set = TransformSubset(train_full, perm[val_size:], train_tf)
+        self.train_set = TransformSubset(train_full, perm[val_size:], self.eval_transform(),
+                                         augment=self.augmentation() if self.augment else None, seed=self.seed)
         self.test_set = TransformSubset(test, None, self.eval_transform())
         self.val_set = (TransformSubset(train_full, perm[:val_size], self.eval_transform()) if val_size
                         else self.test_set)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+    def loader_kwargs(self) -> dict:
+        """DataLoader settings shared by every split (workers, pinning)."""
         pin = self.pin_memory
         if pin is None:  # pin only when the trainer moves batches to a GPU
             trainer = getattr(self, "trainer", None)
             pin = bool(trainer is not None and trainer.strategy.root_device.type == "cuda")
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, pin_memory=pin,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+        return dict(num_workers=self.num_workers, pin_memory=pin,
+                    persistent_workers=self.persistent_workers and self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.batch_size)
+        return self.resumable_loader(self.train_set, seed=self.seed, yield_epoch=True, batch_size=self.batch_size,
+                                     **self.loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, self.eval_batch_size)
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, **self.loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False, self.eval_batch_size)
+        return DataLoader(self.test_set, batch_size=self.eval_batch_size, **self.loader_kwargs())
 
 
 class MNISTDataModule(_ImageDataModule):
@@ -476,8 +491,8 @@ class CIFAR10DataModule(_ImageDataModule):
                 raise UserError(_name_bad_cifar_file(self.expected_path, err)) from err
         return out[0], out[1]
 
-    def train_transform(self) -> Callable:
-        return v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), self.eval_transform()])
+    def augmentation(self) -> Callable:
+        return v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
 
 
 def _name_bad_cifar_file(folder: Path, err: Exception) -> str:
@@ -536,6 +551,5 @@ class TinyImageNetDataModule(_ImageDataModule):
     def _load_real(self) -> tuple[Dataset, Dataset]:
         return TinyImageNetFolder(self.expected_path, "train"), TinyImageNetFolder(self.expected_path, "val")
 
-    def train_transform(self) -> Callable:
-        return v2.Compose([v2.RandomCrop(64, padding=self.crop_padding), v2.RandomHorizontalFlip(),
-                           self.eval_transform()])
+    def augmentation(self) -> Callable:
+        return v2.Compose([v2.RandomCrop(64, padding=self.crop_padding), v2.RandomHorizontalFlip()])
