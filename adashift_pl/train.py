@@ -503,9 +503,9 @@ def _run(argv: list[str]) -> int:
                 raise UserError(f"--resume {args.resume}: no such checkpoint file (allowed: last, or a .ckpt path)")
         saved_cfg, checkpoint_shapes = read_checkpoint(resume_ckpt)
         saved_names = {"task": saved_cfg.get("task"), "optimizer": (saved_cfg.get("optimizer") or {}).get("name")}
-        same = {"task": lambda a, b: a == b, "optimizer": lambda a, b: canonical_optimizer(a) == canonical_optimizer(str(b))}
+        name_of = {"task": str, "optimizer": canonical_optimizer}  # max-adashift resumes an adashift run
         for flag, value in (("task", args.task), ("optimizer", args.optimizer)):
-            if value is not None and not same[flag](value, saved_names[flag]):
+            if value is not None and name_of[flag](value) != name_of[flag](str(saved_names[flag])):
                 raise UserError(f"--{flag} {value} differs from the checkpoint's {saved_names[flag]!r} "
                                 f"({resume_ckpt}): resume with the same {flag}, or start a new run")
         args.task, args.optimizer = saved_cfg["task"], saved_cfg["optimizer"]["name"]

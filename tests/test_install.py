@@ -65,7 +65,8 @@ for task, opt in (("mnist_mlp", "adashift"), ("mnist_mlp", "adam"), ("counterexa
     with contextlib.redirect_stdout(buf):
         code = train.main(["--task", task, "--optimizer", opt, *short])
     run_dir = Path(buf.getvalue().strip().splitlines()[-1])
-    out[f"{task}/{opt}"] = {"code": code, "optimizer": yaml.safe_load((run_dir / "config.yaml").read_text())["optimizer"]}
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    out[f"{task}/{opt}"] = {"code": code, "optimizer": resolved["optimizer"]}
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     out["fig1a"] = compare.main(["--recipe", "fig1a", "--dry-run", "--out", "sweep"])

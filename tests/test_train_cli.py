@@ -572,7 +572,8 @@ def test_lightning_noise_is_silenced_and_the_device_line_kept(tmp_path, fake_sru
     """Tips, the TPU line, Lightning's internal deprecation, the srun hint and the checkpoint-directory
     warning on resume are not the user's business; a fresh process, as a user sees it."""
     logs = str(tmp_path / "logs")
-    code = (f"from adashift_pl import train\nargs = ['--log-dir', {logs!r}, '--run-name', 'r', '--correlation', 'false']\n"
+    code = ("from adashift_pl import train\n"
+            f"args = ['--log-dir', {logs!r}, '--run-name', 'r', '--correlation', 'false']\n"
             "assert train.main(['--task', 'quadratic', '--optimizer', 'adam', '--trainer.max_steps', '12', "
             "'--data.steps_per_epoch', '5', *args]) == 0\n"
             f"assert train.main(['--resume', {logs + '/quadratic/adam/r/checkpoints/last.ckpt'!r}, "
