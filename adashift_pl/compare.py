@@ -48,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from adashift_pl.config import SECTIONS, load_yaml, parse_value, split_overrides
+from adashift_pl.config import SECTIONS, load_yaml, parse_value, shipped_path, split_overrides, sweep_names, sweep_path
 from adashift_pl.errors import UserError
 from adashift_pl.files import atomic_write_text, read_json
 
@@ -164,13 +164,10 @@ def find_recipe(name: str) -> Path:
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        cand = root / "configs" / "sweeps" / f"{name}.yaml"
-        if cand.is_file():
-            return cand
-    known = sorted({q.stem for root in (Path.cwd(), Path(__file__).resolve().parents[1])
-                    for q in (root / "configs" / "sweeps").glob("*.yaml")})
-    raise UserError(f"unknown recipe {name!r}: allowed are {', '.join(known) or '(none found)'} "
+    cand = sweep_path(name)  # the package's configs/sweeps/, in a checkout or an installed wheel
+    if cand is not None:
+        return cand
+    raise UserError(f"unknown recipe {name!r}: allowed are {', '.join(sweep_names()) or '(none found)'} "
                     "or a path to a .yaml file")
 
 
@@ -209,11 +206,11 @@ def load_recipe(name: str) -> dict:
 
 def _recipe_config(config: str, recipe_path: str) -> str:
     """A recipe's `config:` as an absolute path: as given if absolute or present from the working
-    directory, else relative to the checkout the recipe ships with (configs/nmt_iwslt15.yaml works
+    directory, else relative to the package the recipe ships with (configs/nmt_iwslt15.yaml works
     from any directory, as the recipe name does)."""
     p = Path(config)
     if not p.is_absolute() and not p.is_file():
-        p = Path(__file__).resolve().parents[1] / config
+        p = shipped_path(config)
     if not p.is_file():
         raise UserError(f"recipe {recipe_path}: config {config!r} not found")
     return str(p.resolve())

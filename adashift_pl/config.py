@@ -15,13 +15,38 @@ from typing import Any
 
 import yaml
 
-from adashift_pl.errors import UserError
+from adashift_pl.errors import UserError, one_line
 
 SECTIONS = ("model", "data", "trainer", "optimizer", "correlation", "checkpoint")
 
 
+# A config never needs more values than this; a YAML alias bomb (a few hundred bytes whose
+# aliases expand to millions of values) is refused at load instead of exploding later.
+MAX_CONFIG_VALUES = 100_000
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """The same key twice in one mapping (YAML itself would silently keep the last)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 insists on a dot: `1.0e-3`)."""
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 insists on a dot: `1.0e-3`) and
+    refuses duplicate keys: `lr: 1e-3` twice in a block is a mistake, not an override."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` is a merge, not a key
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                continue
+            if first is not key_node.start_mark:
+                raise DuplicateKeyError(f"while reading a mapping (first {key!r} at line {first.line + 1})",
+                                        node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -38,9 +63,13 @@ _Loader.add_implicit_resolver(
 def parse_value(text: str) -> Any:
     """A command-line value as YAML: '1e-3' -> 0.001, 'true' -> True, '[0.9,0.999]' -> list."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        value = yaml.load(text, Loader=_Loader)
+    except DuplicateKeyError as e:
+        raise UserError(f"invalid value {text!r}: {one_line(e.problem)}") from None
     except yaml.YAMLError:
         return text  # not YAML (e.g. 'a: b: c'): keep the string
+    check_size(value, f"value {text!r}")
+    return value
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -51,21 +80,71 @@ def load_yaml(path: str | os.PathLike) -> dict:
         with open(path) as f:
             cfg = yaml.load(f, Loader=_Loader) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise UserError(f"config file {path} is not valid YAML: {one_line(e)}") from None
     except (OSError, UnicodeDecodeError) as e:  # unreadable, or not a text file
-        raise UserError(f"cannot read config file {path}: {' '.join(str(e).split())}") from None
+        raise UserError(f"cannot read config file {path}: {one_line(e)}") from None
+    check_size(cfg, f"config file {path}")
     if not isinstance(cfg, dict):
         raise UserError(f"config file {path} must hold a mapping (task:, model:, data:, ...), got {type(cfg).__name__}")
     return cfg
 
 
-def default_config_path(task: str) -> Path | None:
-    """configs/<task>.yaml in the working directory, else beside the package (a checkout)."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        p = root / "configs" / f"{task}.yaml"
-        if p.is_file():
-            return p
-    return None
+def check_size(value: Any, what: str) -> None:
+    """Refuse a value that expands to more than MAX_CONFIG_VALUES values (aliases counted each time used)."""
+    budget = MAX_CONFIG_VALUES
+    stack = [value]
+    while stack:
+        x = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise UserError(f"{what} expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?): "
+                            f"allowed is a config of at most {MAX_CONFIG_VALUES:,} values")
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# the configs shipped with the package
+# ----------------------------------------------------------------------------------------------
+def configs_dir() -> Path:
+    """The paper's configs: `adashift_pl/configs/` of an installed wheel (package data), or the
+    `configs/` beside the package in a source checkout (and so in an editable install)."""
+    package = Path(__file__).resolve().parent
+    installed, checkout = package / "configs", package.parent / "configs"
+    if installed.is_dir():
+        return installed
+    if checkout.is_dir() and (package.parent / "pyproject.toml").is_file():
+        return checkout
+    raise UserError(f"the package's configs are missing (neither {installed} nor {checkout} exists): "
+                    f"reinstall adashift-pl, or pass --config FILE")
+
+
+def task_config_path(task: str) -> Path:
+    """configs/<task>.yaml of the package; a task without one is an installation error, said loudly
+    (silently running on code defaults would not be the paper's settings)."""
+    path = configs_dir() / f"{task}.yaml"
+    if not path.is_file():
+        raise UserError(f"the package's config for task {task} is missing ({path} does not exist): "
+                        f"reinstall adashift-pl, or pass --config FILE")
+    return path
+
+
+def shipped_path(relative: str | os.PathLike) -> Path:
+    """A path such as `configs/nmt_iwslt15.yaml` (as recipes name them) inside the installed package."""
+    return configs_dir().parent / relative
+
+
+def sweep_path(name: str) -> Path | None:
+    """configs/sweeps/<name>.yaml of the package, or None."""
+    path = configs_dir() / "sweeps" / f"{name}.yaml"
+    return path if path.is_file() else None
+
+
+def sweep_names() -> list[str]:
+    return sorted(p.stem for p in (configs_dir() / "sweeps").glob("*.yaml"))
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -30,16 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from adashift_pl import checks
 from adashift_pl.config import (
-    default_config_path,
     flatten,
     load_yaml,
     merge,
     overrides_to_dict,
     plain,
     split_overrides,
+    task_config_path,
 )
-from adashift_pl.errors import UserError
+from adashift_pl.errors import UserError, one_line
 
 # Code defaults: the lowest layer of the config.
 DEFAULTS: dict[str, Any] = {
@@ -101,10 +102,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
-
-
 def user_message(e: BaseException) -> str:
     """The one line to print for a UserError.
 
@@ -118,7 +115,7 @@ def user_message(e: BaseException) -> str:
         lines = [line for line in text.splitlines() if line.strip()]
         if lines:
             text = re.sub(r"^\s*(?:[\w.]+\.)?UserError:\s*", "", lines[-1])
-    return _one_line(text)
+    return one_line(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,23 +132,20 @@ def main(argv: list[str] | None = None) -> int:
 # --list
 # ----------------------------------------------------------------------------------------------
 def _list() -> int:
+    # Reads each task's DESCRIPTION from its source: importing the tasks (lightning, torchvision)
+    # made --list take 15-20 s; only the optimizer table needs torch.
     from adashift_pl.optim import list_optimizers
-    from adashift_pl.tasks import TASKS, get_task
+    from adashift_pl.tasks import TASKS, describe
 
     print("tasks:")
     for name in TASKS:
+        print(f"  {name:24s} {describe(name)}")
         try:
-            desc = get_task(name).DESCRIPTION
-        except Exception as e:  # a task whose module is missing or broken is still listed
-            desc = f"(not available: {_one_line(e)})"
-        print(f"  {name:24s} {desc}")
-        path = default_config_path(name)
-        if path is not None:
-            try:
-                blocks = ", ".join(load_yaml(path).get("optimizer") or {}) or "(none)"
-            except UserError as e:
-                blocks = f"(unreadable: {_one_line(e)})"
+            path = task_config_path(name)
+            blocks = ", ".join(load_yaml(path).get("optimizer") or {}) or "(none)"
             print(f"  {'':24s} {path}: optimizer blocks {blocks}")
+        except UserError as e:  # a missing or broken config is listed, loudly
+            print(f"  {'':24s} {one_line(e)}")
     print("optimizers (factory defaults; a config's optimizer: block overrides them):")
     for name, defaults in list_optimizers().items():
         print(f"  {name:24s} {', '.join(f'{k}={v}' for k, v in defaults.items())}")
@@ -171,7 +165,7 @@ def resolve_optimizer(name: str, block: dict | None, cli: dict) -> dict:
 
     from adashift_pl.optim import ALIASES, OPTIMIZERS, build_optimizer
 
-    key = ALIASES.get(name.lower(), name.lower())
+    key = canonical_optimizer(name)
     if key not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {name!r}: allowed are {', '.join(sorted([*OPTIMIZERS, *ALIASES]))}")
     if block is not None and not isinstance(block, dict):
@@ -179,11 +173,30 @@ def resolve_optimizer(name: str, block: dict | None, cli: dict) -> dict:
     hp = merge(plain(dict(OPTIMIZERS[key].defaults)), merge(block or {}, cli))
     hp.pop("name", None)
     _check_optimizer_types(name, OPTIMIZERS[key], hp)
+    checks.check_finite("optimizer", hp, f" for {name!r}")
     try:
         build_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], **hp)
     except (ValueError, TypeError) as e:
-        raise UserError(f"invalid optimizer setting for {name!r}: {_one_line(e)}") from None
+        raise UserError(f"invalid optimizer setting for {name!r}: {one_line(e)}") from None
     return {"name": name, **hp}
+
+
+def canonical_optimizer(name: str) -> str:
+    """The factory's own name for `name`: ADAM -> adam, max-adashift -> adashift (unknown names lower-cased)."""
+    from adashift_pl.optim import ALIASES
+
+    return ALIASES.get(name.lower(), name.lower())
+
+
+def optimizer_block(blocks: dict, name: str, where: str) -> dict | None:
+    """The config's block for optimizer `name`, matched by canonical name, so `--optimizer ADAM`,
+    `max-adashift` and `adashift-temporal` get the adam, adashift and non-adashift blocks."""
+    key = canonical_optimizer(name)
+    found = [b for b in blocks if canonical_optimizer(str(b)) == key]
+    if len(found) > 1:
+        raise UserError(f"{where} has {len(found)} optimizer blocks for {key!r} ({', '.join(map(str, found))}): "
+                        f"allowed is one block per optimizer")
+    return blocks[found[0]] if found else None
 
 
 def _check_optimizer_types(name: str, info, hp: dict) -> None:
@@ -228,6 +241,7 @@ def check_trainer_section(trainer: dict) -> None:
 
     params = inspect.signature(lightning.Trainer.__init__).parameters
     _check_value_types("trainer", trainer, {k: [p] for k, p in params.items()}, "")
+    checks.check_trainer(trainer)
 
 
 def check_checkpoint_section(ck: dict) -> None:
@@ -348,14 +362,22 @@ def check_task_values(task_name: str, task_module, cfg: dict) -> None:
 
     for section, base in (("model", lightning.LightningModule), ("data", lightning.LightningDataModule)):
         _check_value_types(section, cfg[section], _init_params(task_module, base), f" for task {task_name}")
+        checks.check_finite(section, cfg[section], f" for task {task_name}")
 
 
 def build_task(task_name: str, task_module, cfg: dict):
     import lightning
+    import torch
 
     try:
         return task_module.build(model=dict(cfg["model"]), data=dict(cfg["data"]),
                                  optimizer=dict(cfg["optimizer"]), seed=int(cfg["seed"]))
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        raise _too_big(task_name, cfg, e) from None
+    except RuntimeError as e:  # torch's CPU allocator: "DefaultCPUAllocator: can't allocate memory"
+        if "allocate" not in str(e):
+            raise
+        raise _too_big(task_name, cfg, e) from None
     except TypeError as e:
         key = _unexpected_kwarg(e)
         if key is None:
@@ -372,6 +394,13 @@ def build_task(task_name: str, task_module, cfg: dict):
             raise
         raise UserError(f"unknown {section} key {key!r} for task {task_name}: allowed are "
                         f"{', '.join(allowed) or '(none)'}") from None
+
+
+def _too_big(task_name: str, cfg: dict, e: BaseException) -> UserError:
+    detail = re.search(r"tried to allocate [^.]*", str(e))
+    return UserError(f"task {task_name} does not fit in memory with model {plain(cfg['model'])} and data "
+                     f"{plain(cfg['data'])} ({detail.group(0) if detail else one_line(e) or type(e).__name__}): "
+                     f"allowed are smaller model/data sizes")
 
 
 def next_version(root: Path) -> str:
@@ -398,21 +427,38 @@ def find_last_checkpoint(log_dir: Path, task: str, optimizer: str) -> Path:
     return max(candidates, key=lambda c: c.stat().st_mtime)
 
 
-def load_checkpoint_config(path: Path) -> dict:
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(the resolved config, {weight name: shape}) of a checkpoint written by this command.
+
+    Loaded with torch's weights-only unpickler and nothing else: our checkpoints hold only
+    tensors, numbers, strings, lists and dicts (Lightning's, the callbacks', ours), so a file that
+    needs any other Python object is not one of ours and is refused before anything in it runs
+    (a pickle can run arbitrary code when loaded). trainer.fit loads it the same way.
+    """
+    import pickle
+
     import torch
 
     try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a checkpoint holding non-tensor objects: it is the user's own file
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if not found:  # not a pickle at all; torch's text wraps the reason in advice about weights_only
+            reason = (str(e).partition("WeightsUnpickler error:")[2] or str(e)).partition("Check the documentation")[0]
+            raise UserError(f"cannot read checkpoint {path}: not a checkpoint ({one_line(reason)[:200]})") from None
+        what = found.group(1)
+        raise UserError(f"checkpoint {path} is not one written by adashift_pl.train: it holds Python objects "
+                        f"that only a full unpickler would load ({one_line(what)}), which could run code, so it "
+                        f"is not loaded; allowed are this command's own checkpoints") from None
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
+        raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
     meta = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
-    if not meta or "config" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) \
+            or not isinstance(ckpt.get("state_dict"), dict):
         raise UserError(f"checkpoint {path} was not written by adashift_pl.train (no {CKPT_KEY!r} entry): "
                         f"its hyper-parameters cannot be checked, so it cannot be resumed here")
-    return meta["config"]
+    shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    return meta["config"], shapes
 
 
 def hparam_differences(saved: dict, new: dict) -> list[str]:
@@ -440,9 +486,12 @@ def _run(argv: list[str]) -> int:
 
     from adashift_pl.tasks import get_task
 
+    checks.check_log_dir(args.log_dir)
+    checks.check_run_name(args.run_name)
     log_dir = Path(args.log_dir)
     resume_ckpt: Path | None = None
     saved_cfg: dict | None = None
+    checkpoint_shapes: dict | None = None
     if args.resume is not None:
         if args.resume == "last":
             if not args.task or not args.optimizer:
@@ -452,10 +501,11 @@ def _run(argv: list[str]) -> int:
             resume_ckpt = Path(args.resume)
             if not resume_ckpt.is_file():
                 raise UserError(f"--resume {args.resume}: no such checkpoint file (allowed: last, or a .ckpt path)")
-        saved_cfg = load_checkpoint_config(resume_ckpt)
+        saved_cfg, checkpoint_shapes = read_checkpoint(resume_ckpt)
         saved_names = {"task": saved_cfg.get("task"), "optimizer": (saved_cfg.get("optimizer") or {}).get("name")}
+        name_of = {"task": str, "optimizer": canonical_optimizer}  # max-adashift resumes an adashift run
         for flag, value in (("task", args.task), ("optimizer", args.optimizer)):
-            if value is not None and value != saved_names[flag]:
+            if value is not None and name_of[flag](value) != name_of[flag](str(saved_names[flag])):
                 raise UserError(f"--{flag} {value} differs from the checkpoint's {saved_names[flag]!r} "
                                 f"({resume_ckpt}): resume with the same {flag}, or start a new run")
         args.task, args.optimizer = saved_cfg["task"], saved_cfg["optimizer"]["name"]
@@ -465,8 +515,8 @@ def _run(argv: list[str]) -> int:
     if args.config:
         file_cfg = load_yaml(args.config)
     elif saved_cfg is None and args.task:
-        path = default_config_path(args.task)
-        file_cfg = load_yaml(path) if path else {}
+        get_task(args.task)  # an unknown name is refused as such, before its config is looked for
+        file_cfg = load_yaml(task_config_path(args.task))
     task_name = args.task or file_cfg.get("task")
     if not task_name:
         raise UserError("no task given: use --task NAME (see --list)")
@@ -474,9 +524,6 @@ def _run(argv: list[str]) -> int:
         raise UserError(f"config {args.config} is for task {file_cfg.get('task')!r}, not {task_name!r}")
     if not args.optimizer:
         raise UserError("no optimizer given: use --optimizer NAME (see --list)")
-    if args.run_name is not None and (args.run_name in ("", ".", "..") or "/" in args.run_name
-                                      or os.sep in args.run_name):
-        raise UserError(f"invalid --run-name {args.run_name!r}: allowed is a plain directory name (no '/')")
     task_module = get_task(task_name)
 
     blocks = merge(file_cfg.get("optimizer") or {}, {})
@@ -502,12 +549,10 @@ def _run(argv: list[str]) -> int:
         cfg["seed"] = args.seed
     if args.num_threads is not None:
         cfg["num_threads"] = args.num_threads
-    if cfg.get("num_threads") is not None and (not isinstance(cfg["num_threads"], int) or cfg["num_threads"] < 1):
-        raise UserError(f"invalid num_threads {cfg['num_threads']!r}: allowed is an integer >= 1, or null")
-    if not isinstance(cfg.get("seed"), int):
-        raise UserError(f"invalid seed {cfg.get('seed')!r}: allowed is an integer")
-    opt_block = merge(opt_base, blocks.get(args.optimizer) or {}) if saved_cfg is None or args.optimizer in blocks \
-        else opt_base
+    checks.check_num_threads(cfg.get("num_threads"))
+    checks.check_seed(cfg.get("seed"))
+    block = optimizer_block(blocks, args.optimizer, args.config or "the config")
+    opt_block = merge(opt_base, block or {}) if saved_cfg is None or block is not None else opt_base
     cfg["optimizer"] = resolve_optimizer(args.optimizer, opt_block, cli.get("optimizer", {}))
     corr_knobs = merge(corr_file or {}, cli.get("correlation", {})) if (corr_file or cli.get("correlation")) else None
     cfg["correlation"] = corr_knobs
@@ -546,7 +591,7 @@ def _run(argv: list[str]) -> int:
         if not os.access(run_dir.parent, os.W_OK | os.X_OK):
             raise PermissionError(f"no write permission on {run_dir.parent}")
     except OSError as e:
-        raise UserError(f"cannot create the run directory under {log_dir} ({_one_line(e)}): allowed is a "
+        raise UserError(f"cannot create the run directory under {log_dir} ({one_line(e)}): allowed is a "
                         f"writable directory for --log-dir") from None
     if args.run_name and resume_ckpt is None and _rank_from_env() == 0 and (run_dir / "checkpoints").exists():
         raise UserError(f"run directory {run_dir} already holds a run: choose another --run-name, "
@@ -557,7 +602,7 @@ def _run(argv: list[str]) -> int:
     previous = os.environ.get(RUN_NAME_ENV)
     os.environ[RUN_NAME_ENV] = run_name
     try:
-        return _fit(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt)
+        return _fit(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt, checkpoint_shapes)
     finally:
         if previous is None:
             os.environ.pop(RUN_NAME_ENV, None)
@@ -565,7 +610,8 @@ def _run(argv: list[str]) -> int:
             os.environ[RUN_NAME_ENV] = previous
 
 
-def _fit(args, argv, cfg, task_module, run_dir: Path, run_name: str, log_dir: Path, resume_ckpt: Path | None) -> int:
+def _fit(args, argv, cfg, task_module, run_dir: Path, run_name: str, log_dir: Path, resume_ckpt: Path | None,
+         checkpoint_shapes: dict | None) -> int:
     """_fit_inner with the config's torch thread count, restored afterwards."""
     import torch
 
@@ -575,21 +621,23 @@ def _fit(args, argv, cfg, task_module, run_dir: Path, run_name: str, log_dir: Pa
         # busy machine a 64x10 matmul with 2 threads was measured 60x slower than with 1.
         torch.set_num_threads(cfg["num_threads"])
     try:
-        return _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt)
+        return _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt, checkpoint_shapes)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt) -> int:
+def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt, checkpoint_shapes) -> int:
     import lightning
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from adashift_pl.data.resumable import UnfinishedEpoch
     from adashift_pl.run import AtomicCheckpointIO, RunCallback, StepTensorBoardLogger, git_commit
 
+    quiet_lightning()
     task_name, optimizer_name = cfg["task"], cfg["optimizer"]["name"]
     lightning.seed_everything(cfg["seed"], workers=True, verbose=False)
     module, datamodule = build_task(task_name, task_module, cfg)
+    checks.check_with_model(cfg, module, checkpoint_shapes, resume_ckpt)
     data_source = getattr(datamodule, "data_source", None)
     n_params = sum(p.numel() for p in module.parameters())
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -621,11 +669,11 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
         corr_cb = make_correlation_callback(cfg.get("correlation"))
         if corr_cb is not None:
             callbacks.append(corr_cb)
-    hparams = {
+    hparams = tensorboard_hparams({
         **flatten({k: cfg[k] for k in ("seed", "num_threads", "model", "data", "optimizer", "trainer")}),
         "task": task_name, "run_name": run_name, "data_source": data_source,
         "params/total": n_params, "params/trainable": n_trainable,
-    }
+    })
     trainer_kwargs = dict(cfg["trainer"])
     # Progress: Lightning's bar in a terminal, plain periodic lines (RunCallback) otherwise.
     trainer_kwargs.setdefault("enable_progress_bar", sys.stdout.isatty())
@@ -640,7 +688,7 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
                                     default_root_dir=str(run_dir), **trainer_kwargs)
     except Exception as e:  # Lightning's MisconfigurationException/ValueError: a bad trainer value
         if type(e).__name__ in ("MisconfigurationException", "ValueError", "TypeError", "RuntimeError"):
-            raise UserError(f"invalid trainer setting: {_one_line(e)}") from None
+            raise UserError(f"invalid trainer setting: {one_line(e)}") from None
         raise
 
     started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -657,7 +705,10 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
     status, code = "failed", 1
     t0 = time.time()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        # weights_only=True: Lightning's own load of the resumed checkpoint is as safe as read_checkpoint's
+        # (its default, None, defers to torch, which an environment variable can turn to a full unpickle).
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None,
+                    weights_only=True)
         status, code = ("interrupted", 130) if run_cb.interrupted else ("completed", 0)
         if status == "completed" and args.test and _has_test_split(module, datamodule):
             # The paper's test curves end here: the final weights on the test split (test/* metrics).
@@ -678,9 +729,76 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
                 provenance=provenance, module=module)
             run_cb.write_summary(summary)
             if status != "failed":
+                log_hparams_with_metrics(logger, hparams, summary)
                 _print_summary(summary)
                 print(str(run_dir), flush=True)
     return code
+
+
+def tensorboard_hparams(hparams: dict) -> dict:
+    """Values TensorBoard's HPARAMS tab can show: lists, mappings and null as text."""
+    return {k: (str(v) if isinstance(v, (list, tuple, dict)) or v is None else v) for k, v in hparams.items()}
+
+
+def hparam_metrics(summary: dict) -> dict[str, float]:
+    """The run's results as HPARAMS columns: hp/<metric> for each final metric (lr-* and corr/*
+    curves left out), hp/best/<monitor> and hp/diverged (1 or 0). Own hp/ tags, so the curves of
+    the metrics themselves get no extra point."""
+    metrics = {f"hp/{k}": float(v) for k, v in sorted(summary["final_metrics"].items())
+               if isinstance(v, (int, float)) and not k.startswith(("lr-", "corr/"))}
+    if summary.get("best_metric"):
+        metrics[f"hp/best/{summary['best_metric']['name']}"] = float(summary["best_metric"]["value"])
+    metrics["hp/diverged"] = float(bool(summary.get("diverged")))
+    return metrics
+
+
+def log_hparams_with_metrics(logger, hparams: dict, summary: dict) -> None:
+    """Write the hparams record TensorBoard's HPARAMS tab reads, now that the results are known.
+
+    Lightning writes that record only when log_hyperparams gets metrics (or with its placeholder
+    hp_metric, which default_hp_metric=False turns off); RunCallback logged the hparams without
+    them at the start (hparams.yaml). After fit the logger's writer is closed: this opens a second
+    events file in the run directory, which TensorBoard reads together with the first.
+    """
+    logger.log_hyperparams(hparams, metrics=hparam_metrics(summary), step=int(summary["global_step"]))
+    logger.finalize(summary["status"])
+
+
+# Lightning messages that are not the user's business (name, why), matched at their start.
+# Kept: the device lines (GPU available/used), `Trainer.fit` stopped, real warnings about the run.
+_LIGHTNING_NOISE = (
+    ("💡 Tip", "an advertisement for Lightning's cloud logger"),
+    ("TPU available:", "always 'False, using: 0 TPU cores' off TPU machines"),
+    ("HPU available:", "likewise"),
+)
+_WARNING_NOISE = (
+    # SLURM: printed on login/compute nodes where srun exists; a SLURM job runs under srun anyway.
+    r"The `srun` command is available on your system but is not used",
+    # a deprecation inside Lightning's own code (torch.utils._pytree), nothing the user can change
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # resume continues in its own run directory on purpose
+    r"Checkpoint directory .* exists and is not empty",
+    # training/* metrics are logged by global step, across epochs: short epochs lose nothing
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+)
+
+
+class _DropNoise:
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith(tuple(m for m, _ in _LIGHTNING_NOISE))
+
+
+def quiet_lightning() -> None:
+    """Silence the Lightning messages in _LIGHTNING_NOISE/_WARNING_NOISE (idempotent)."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in log.filters):
+            log.addFilter(_DropNoise())
+    for pattern in _WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def _has_test_split(module, datamodule) -> bool:
@@ -707,7 +825,7 @@ def make_correlation_callback(knobs: dict | None):
         allowed = [k for k in inspect.signature(MomentCorrelation.__init__).parameters if k != "self"]
         raise UserError(f"unknown correlation key {key!r}: allowed are {', '.join(allowed)}") from None
     except ValueError as e:
-        raise UserError(f"invalid correlation setting: {_one_line(e)}") from None
+        raise UserError(f"invalid correlation setting: {one_line(e)}") from None
 
 
 def _versions() -> dict:
@@ -734,8 +852,12 @@ def _device_name(trainer) -> str:
 def _print_summary(s: dict) -> None:
     metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(s["final_metrics"].items())
                         if not k.startswith(("lr-", "corr/")))
-    print(f"{s['status']}: {s['task']} / {s['optimizer']}  step {s['global_step']}  "
-          f"{s['wall_seconds']:.1f} s  data {s['data_source']}", flush=True)
+    # A run that finished but whose loss went non-finite or exploded says so first (summary.json:
+    # status completed, diverged true).
+    label = "diverged" if s["diverged"] and s["status"] == "completed" else s["status"]
+    reason = f"  ({s['diverged_reason']})" if s["diverged"] and s.get("diverged_reason") else ""
+    print(f"{label}: {s['task']} / {s['optimizer']}  step {s['global_step']}  "
+          f"{s['wall_seconds']:.1f} s  data {s['data_source']}{reason}", flush=True)
     if metrics:
         print(f"final: {metrics}", flush=True)
     if s.get("best_metric"):

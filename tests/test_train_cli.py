@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,7 @@ def test_short_run_outputs(tmp_path, capsys, task, optimizer):
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["optimizer"]["lr"] == 1e-2 and cfg["optimizer"]["name"] == optimizer and cfg["task"] == task
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert train.read_checkpoint(run_dir / "checkpoints" / "last.ckpt")[0]["task"] == task  # loads weights-only
     s = json.loads((run_dir / "summary.json").read_text())
     for key in ("task", "optimizer", "run_name", "run_dir", "seed", "data_source", "status", "diverged",
                 "global_step", "epochs", "wall_seconds", "hparams", "final_metrics", "best_metric", "correlation",
@@ -369,3 +371,226 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     atomic_write_text(tmp_path / "summary.json", "{}\n")
     assert (tmp_path / "summary.json").read_text() == "{}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "summary.json"]
+
+
+# ---- bad input found by a fault-injection pass: one line, exit 2, checked before training ----------
+Q = ["--task", "quadratic", "--optimizer", "adam"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    # were tracebacks
+    (["--task", "quadratic", "--optimizer", "adashift", "--optimizer.keep_num", "1000000000000"],
+     "invalid optimizer.keep_num 1000000000000 for 'adashift': its history would need"),
+    ([*Q, "--model.dim", "1000000"], "task quadratic does not fit in memory"),
+    ([*Q, "--seed", "-1"], "invalid seed -1: allowed is an integer from 0 to 4294967295"),
+    ([*Q, "--seed", "1180591620717411303424"], "invalid seed 1180591620717411303424"),
+    ([*Q, "--trainer.val_check_interval", "0"], "invalid trainer.val_check_interval 0"),
+    ([*Q, "--trainer.accelerator", "tpu"], "invalid trainer.accelerator 'tpu': not available on this machine"),
+    ([*Q, "--run-name", "r" * 250], "invalid --run-name 'rrrr"),
+    (["--task", "wgan_gp", "--optimizer", "adam", "--trainer.gradient_clip_val", "1"],
+     "invalid trainer.gradient_clip_val 1 for task wgan_gp: it steps its optimizers itself"),
+    # were accepted silently
+    ([*Q, "--optimizer.lr", ".inf"], "invalid optimizer.lr inf for 'adam': allowed is a finite number"),
+    ([*Q, "--optimizer.eps", ".inf"], "invalid optimizer.eps inf"),  # trained nothing, reported completed
+    (["--task", "quadratic", "--optimizer", "adashift", "--optimizer.eps", ".nan"], "invalid optimizer.eps nan"),
+    ([*Q, "--optimizer.weight_decay", ".inf"], "invalid optimizer.weight_decay inf"),
+    ([*Q, "--optimizer.betas", "[0.9, .nan]"], "invalid optimizer.betas[1] nan"),
+    ([*Q, "--model.init_scale", ".nan"], "invalid model.init_scale nan for task quadratic: allowed is a finite"),
+    ([*Q, "--model.cond", ".inf"], "invalid model.cond inf for task quadratic"),
+    ([*Q, "--trainer.log_every_n_steps", "-1"], "invalid trainer.log_every_n_steps -1"),
+    ([*Q, "--trainer.gradient_clip_val", "-1"], "invalid trainer.gradient_clip_val -1"),
+    ([*Q, "--log-dir", ""], "invalid --log-dir ''"),  # wrote into the working directory
+    ([*Q, "--run-name", "a\nb"], "invalid --run-name 'a\\nb'"),  # broke "the last line is the run dir"
+])
+def test_bad_values_are_refused_up_front(tmp_path, capsys, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)  # whatever the old code wrote lands here
+    assert run(tmp_path, *FAST, "--trainer.max_steps", "2", *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not list(tmp_path.rglob("summary.json"))  # nothing ran
+
+
+def test_thread_count_beyond_the_machine_is_refused(tmp_path):
+    """--num-threads 100000 made libgomp abort the process: a subprocess, asserting on its exit status."""
+    p = subprocess.run([sys.executable, "-m", "adashift_pl.train", *Q, "--num-threads", "100000",
+                        "--trainer.max_steps", "2", "--log-dir", str(tmp_path / "logs"), *FAST],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()]
+    assert "invalid num_threads 100000: allowed is an integer from 1 to" in p.stderr
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path, capsys):
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text("task: quadratic\noptimizer:\n  adam: {lr: 1.0e-3}\n  adam: {lr: 1.0e-2}\n")
+    assert run(tmp_path, "--config", str(cfg), "--optimizer", "adam", *FAST) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "found duplicate key 'adam'" in err[0] and "line 4" in err[0], err
+    assert run(tmp_path, *Q, "--optimizer.betas", "{a: 1, a: 2}", *FAST) == 2  # a command-line value too
+    assert "found duplicate key 'a'" in capsys.readouterr().err
+
+
+def test_yaml_alias_bomb_gives_a_short_line(tmp_path, capsys):
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text("\n".join(lines) + "\ntask: quadratic\nmodel: {dim: *i}\n")  # 9**9 values, ~400 bytes
+    assert run(tmp_path, "--config", str(cfg), "--optimizer", "adam", *FAST) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 500 and "expands to more than 100,000 values" in err, err[:500]
+
+
+def test_optimizer_aliases_get_their_optimizers_block(tmp_path, capsys):
+    """--optimizer ADAM / max-adashift / adashift-temporal skipped the config's adam / adashift /
+    non-adashift blocks (mnist_logreg ran with beta1 0.9 instead of 0 and n 10 instead of 1)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task: quadratic\noptimizer:\n  adam: {betas: [0.0, 0.999]}\n"
+                   "  adashift: {betas: [0.0, 0.999], keep_num: 1}\n  non-adashift: {keep_num: 2}\n")
+    for name, expect in (("ADAM", {"betas": [0.0, 0.999]}), ("max-adashift", {"betas": [0.0, 0.999], "keep_num": 1}),
+                         ("adashift-temporal", {"keep_num": 2})):
+        assert run(tmp_path, "--config", str(cfg), "--optimizer", name, "--trainer.max_steps", "1", *FAST) == 0
+        resolved = yaml.safe_load((Path(last_line(capsys)) / "config.yaml").read_text())["optimizer"]
+        assert {k: resolved[k] for k in expect} == expect, name
+    cfg.write_text("task: quadratic\noptimizer:\n  adashift: {keep_num: 1}\n  max-adashift: {keep_num: 2}\n")
+    assert run(tmp_path, "--config", str(cfg), "--optimizer", "adashift", *FAST) == 2
+    assert "2 optimizer blocks for 'adashift'" in capsys.readouterr().err
+
+
+# ---- --resume loads nothing but our own checkpoints ----------------------------------------------------
+def _quadratic_checkpoint(tmp_path, capsys) -> Path:
+    assert run(tmp_path, *Q, "--trainer.max_steps", "2", "--run-name", "src", *FAST) == 0
+    capsys.readouterr()
+    return tmp_path / "logs" / "quadratic" / "adam" / "src" / "checkpoints" / "last.ckpt"
+
+
+class _Payload:
+    """Unpickling this runs exec(): the crafted checkpoint writes a file when fully unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+def test_resume_of_a_crafted_pickle_runs_nothing(tmp_path, capsys):
+    ckpt = torch.load(_quadratic_checkpoint(tmp_path, capsys), weights_only=True)
+    marker = tmp_path / "payload-ran"
+    ckpt["payload"] = _Payload(marker)
+    bad = tmp_path / "crafted.ckpt"
+    torch.save(ckpt, bad)
+    assert run(tmp_path, "--resume", str(bad), *FAST) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not one written by adashift_pl.train" in err[0] and "exec" in err[0], err
+    assert not marker.exists()
+    bad.write_bytes(b"not a checkpoint at all")
+    assert run(tmp_path, "--resume", str(bad), *FAST) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_every_load_of_a_resumed_checkpoint_is_weights_only(tmp_path, capsys, monkeypatch):
+    """read_checkpoint's load and Lightning's own in trainer.fit(ckpt_path=...) (its default defers to
+    torch, which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into a full unpickle)."""
+    ckpt = _quadratic_checkpoint(tmp_path, capsys)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    assert run(tmp_path, "--resume", str(ckpt), "--trainer.max_steps", "4", *FAST) == 0
+    assert len(calls) >= 2 and all(c is True for c in calls), calls
+
+
+def test_resume_of_another_tasks_checkpoint_is_refused(tmp_path, capsys):
+    """A checkpoint whose weights are not this task's model was Lightning's "Unexpected key(s)" traceback."""
+    ckpt = torch.load(_quadratic_checkpoint(tmp_path, capsys), weights_only=True)
+    ckpt["adashift_pl"]["config"].update(task="counterexample_seq", model={})
+    other = tmp_path / "other.ckpt"
+    torch.save(ckpt, other)
+    assert run(tmp_path, "--resume", str(other), *FAST) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not hold weights of task counterexample_seq's model" in err[0], err
+    assert "missing theta" in err[0] and "unexpected" in err[0]
+
+
+# ---- what the user sees --------------------------------------------------------------------------------
+def test_tensorboard_hparams_tab_shows_the_run_with_its_final_metrics(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    assert run(tmp_path, *Q, "--trainer.max_steps", "20", "--data.steps_per_epoch", "10", *FAST) == 0
+    run_dir = Path(last_line(capsys))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    acc = EventAccumulator(str(run_dir))  # every events file of the run, as TensorBoard reads it
+    acc.Reload()
+    records = {tag: plugin_data_pb2.HParamsPluginData.FromString(content)
+               for tag, content in acc.PluginTagToContent("hparams").items()}
+    scalars = {t: acc.Scalars(t)[-1] for t in acc.Tags()["scalars"]}
+    start = records["_hparams_/session_start_info"].session_start_info.hparams
+    assert start["optimizer.name"].string_value == "adam" and start["model.cond"].number_value == 1e5
+    assert start["params/total"].number_value == 200 and start["data_source"].string_value == "builtin"
+    columns = {m.name.tag for m in records["_hparams_/experiment"].experiment.metric_infos}
+    assert {"hp/val/loss", "hp/train/loss", "hp/best/val/loss", "hp/diverged"} <= columns
+    for column in columns:  # each column has its value, the summary's
+        assert column in scalars and scalars[column].step == 20, column
+    assert scalars["hp/val/loss"].value == pytest.approx(summary["final_metrics"]["val/loss"])
+    assert scalars["hp/best/val/loss"].value == pytest.approx(summary["best_metric"]["value"])
+    assert scalars["hp/diverged"].value == 0.0
+
+
+def test_a_diverged_run_says_diverged_on_the_terminal(tmp_path, capsys):
+    assert run(tmp_path, "--task", "quadratic", "--optimizer", "sgd", "--optimizer.lr", "100",
+               "--trainer.max_steps", "30", "--data.steps_per_epoch", "10", *FAST) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary_line = next(line for line in out if line.startswith(("completed:", "diverged:")))
+    assert summary_line.startswith("diverged: quadratic / sgd  step 30") and "train/loss" in summary_line
+    s = json.loads((Path(out[-1]) / "summary.json").read_text())
+    assert s["status"] == "completed" and s["diverged"]  # the summary's contract is unchanged
+
+
+def test_list_imports_no_task_and_no_lightning(tmp_path):
+    """--list took 16-22 s importing every task (lightning, torchvision); it now reads their sources."""
+    code = ("import sys\nfrom adashift_pl import train\nassert train.main(['--list']) == 0\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
+            "'torchvision', 'torchmetrics', 'matplotlib', 'tensorboard') or m.startswith('adashift_pl.tasks.'))\n"
+            "print('HEAVY', heavy)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "HEAVY []"
+    from adashift_pl.tasks import TASKS, get_task
+
+    for name in TASKS:  # and every description is there
+        assert f"  {name:24s} {get_task(name).DESCRIPTION}" in p.stdout
+
+
+def test_lightning_noise_is_silenced_and_the_device_line_kept(tmp_path, fake_srun):
+    """Tips, the TPU line, Lightning's internal deprecation, the srun hint and the checkpoint-directory
+    warning on resume are not the user's business; a fresh process, as a user sees it."""
+    logs = str(tmp_path / "logs")
+    code = ("from adashift_pl import train\n"
+            f"args = ['--log-dir', {logs!r}, '--run-name', 'r', '--correlation', 'false']\n"
+            "assert train.main(['--task', 'quadratic', '--optimizer', 'adam', '--trainer.max_steps', '12', "
+            "'--data.steps_per_epoch', '5', *args]) == 0\n"
+            f"assert train.main(['--resume', {logs + '/quadratic/adam/r/checkpoints/last.ckpt'!r}, "
+            "'--trainer.max_steps', '20', '--correlation', 'false']) == 0\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**os.environ, "PATH": f"{tmp_path}:{os.environ.get('PATH', '')}"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    for noise in ("Tip:", "litlogger", "TPU available", "LeafSpec", "`srun` command", "exists and is not empty",
+                  "smaller than the logging interval"):
+        assert noise not in p.stderr, (noise, p.stderr)
+    assert "GPU available:" in p.stderr  # the device line stays
+
+
+@pytest.fixture
+def fake_srun(tmp_path):
+    """An `srun` on PATH, so Lightning's hint about it would print."""
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\nexit 0\n")
+    srun.chmod(0o755)
+    return srun
