@@ -6,7 +6,7 @@ co-moments over time and reports, per tensor and overall (averaged over the samp
   g2_v           corr(g_t[i]^2, v_t[i])       v_t = the bias-corrected second moment that divides g_t's
                                               own update (Adam: exp_avg_sq after the step, so it holds g_t;
                                               AMSGrad: the running max; AdaShift: built from g_{t-n};
-                                              phi = max/mean: the block's scalar)
+                                              phi = max/mean: the block's scalar; ADOPT: v_{t-1})
   absg_step      corr(|g_t[i]|, lr / (sqrt(v_t[i]) + eps))   the net-update-factor view (Section 3.3):
                                               negative = large gradients get small steps
   temporal_lagN  corr(g_t[i], g_{t-N}[i])     Appendix C, Table 1
