@@ -359,6 +359,12 @@ def test_list_shows_adopt_and_adamw(capsys):
         assert "adopt" in names and "adamw" in names, line
 
 
+def test_clip_exp_null_on_the_command_line_turns_the_clip_off():
+    assert train.resolve_optimizer("adopt", {}, {"clip_exp": None})["clip_exp"] is None
+    with pytest.raises(train.UserError, match="invalid optimizer.lr None for 'adopt': allowed is a number"):
+        train.resolve_optimizer("adopt", {}, {"lr": None})
+
+
 @pytest.mark.parametrize("cfg", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_has_adopt_and_adamw_blocks_that_build(cfg):
     text = cfg.read_text()
