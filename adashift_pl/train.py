@@ -207,6 +207,8 @@ def _check_optimizer_types(name: str, info, hp: dict) -> None:
 
     params = inspect.signature(info.cls.__init__).parameters
     for k, v in hp.items():
+        if v is None and k in params and "None" in (_annotation_words(params[k]) or ()):
+            continue  # null where the constructor allows None (ADOPT's clip_exp: no clip)
         default = info.defaults.get(k, params[k].default if k in params else None)
         if isinstance(default, bool):
             ok, what = isinstance(v, bool), "true or false"

@@ -6,7 +6,7 @@ co-moments over time and reports, per tensor and overall (averaged over the samp
   g2_v           corr(g_t[i]^2, v_t[i])       v_t = the bias-corrected second moment that divides g_t's
                                               own update (Adam: exp_avg_sq after the step, so it holds g_t;
                                               AMSGrad: the running max; AdaShift: built from g_{t-n};
-                                              phi = max/mean: the block's scalar)
+                                              phi = max/mean: the block's scalar; ADOPT: v_{t-1})
   absg_step      corr(|g_t[i]|, lr / (sqrt(v_t[i]) + eps))   the net-update-factor view (Section 3.3):
                                               negative = large gradients get small steps
   temporal_lagN  corr(g_t[i], g_{t-N}[i])     Appendix C, Table 1
@@ -69,14 +69,16 @@ class _AdamAdapter:
 
     name = "adam"
     elementwise_innovation = True  # the input of v's recurrence is g_t^2 itself
+    bias_corrected = True  # v_hat = v / (1 - beta2^count)
+    first_v_is_sample = False  # v starts from 0 (used with elementwise_innovation = False)
 
     def ready(self, state: dict, group: dict) -> bool:
         return "exp_avg_sq" in state
 
-    def v(self, state: dict, group: dict) -> Tensor:
+    def v(self, state: dict, group: dict, grad: Tensor | None) -> Tensor:
         return state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
 
-    def ema(self, state: dict, group: dict) -> Tensor:
+    def ema(self, state: dict, group: dict, grad: Tensor | None) -> Tensor:
         return state["exp_avg_sq"]
 
     def count(self, state: dict, group: dict) -> int:
@@ -93,11 +95,13 @@ class _AdaShiftAdapter:
 
     name = "adashift"
     elementwise_innovation = False
+    bias_corrected = True
+    first_v_is_sample = False
 
     def ready(self, state: dict, group: dict) -> bool:
         return int(state.get("updates", 0)) >= 1
 
-    def v(self, state: dict, group: dict) -> Tensor:
+    def v(self, state: dict, group: dict, grad: Tensor | None) -> Tensor:
         return state["exp_avg_sq"]
 
     ema = v
@@ -121,12 +125,58 @@ class _AdaShiftSpatialAdapter(_AdaShiftAdapter):
         return int(state["step"])
 
 
+class _ADOPTAdapter:
+    """ADOPT: g_t is divided by max(sqrt(v_{t-1}), eps); v_t = beta2 v_{t-1} + (1 - beta2) g_t^2 is formed
+    only after the parameter moved, and the first step only sets v_1 = g_1^2. No bias correction.
+
+    After step t the state holds v_t, which already contains g_t; the v that divided g_t is recovered
+    as v_{t-1} = (v_t - (1 - beta2) g_t^2) / beta2 (float32 rounding of v_t: ~1e-7 of v). So corr(g_t^2, v)
+    reads ~0, like AdaShift's; in the paper protocol the innovations of v_{t-1} are g_{t-1}^2, so the
+    recomputed v excludes g_t too. The step size read is lr / (sqrt(v) + eps), before ADOPT's clip.
+    Not measurable (never ready): beta2 = 0 (v_{t-1} is not in the state) and L2 weight decay
+    (decouple=False, weight_decay > 0: v took (g + wd * theta_{t-1})^2, and theta_{t-1} is gone)."""
+
+    name = "adopt"
+    elementwise_innovation = False
+    bias_corrected = False
+    first_v_is_sample = True  # v_1 = g_1^2: the first innovation is v_1 itself
+
+    def ready(self, state: dict, group: dict) -> bool:
+        return (int(state.get("step", 0)) >= 2  # v_{t-1} exists from step 2
+                and group["betas"][1] > 0 and not _adopt_l2(group))
+
+    def v(self, state: dict, group: dict, grad: Tensor | None) -> Tensor:
+        v = state["exp_avg_sq"]
+        if grad is None:  # the step skipped this parameter: v is the one its next gradient meets
+            return v
+        beta2 = group["betas"][1]
+        return v.addcmul(grad, grad, value=-(1 - beta2)).div_(beta2).clamp_(min=0.0)
+
+    ema = v
+
+    def count(self, state: dict, group: dict) -> int:
+        return int(state["step"]) - 1
+
+    def running_max(self, group: dict) -> bool:
+        return False
+
+
+def _adopt_l2(group: dict) -> bool:
+    return group["weight_decay"] != 0 and not group["decouple"]
+
+
 def adapter_for(optimizer: torch.optim.Optimizer):
     """The adapter for ``optimizer``'s family, or None when it keeps no second moment (SGD, ...)."""
     try:
-        from adashift_pl.optim import AdaShift, AdaShiftSpatial
+        from adashift_pl.optim import ADOPT, AdaShift, AdaShiftSpatial
     except ImportError:  # pragma: no cover - the optimizer package is part of this project
-        AdaShift = AdaShiftSpatial = ()
+        ADOPT = AdaShift = AdaShiftSpatial = ()
+    if ADOPT and isinstance(optimizer, ADOPT):
+        if any(_adopt_l2(g) for g in optimizer.param_groups):
+            rank_zero_info("MomentCorrelation: ADOPT with L2 weight decay (decouple=False) puts (g + wd*theta)^2 "
+                           "into v, which the step hook cannot rebuild: no g_t-v_t correlation for those "
+                           "parameters (decouple=True can be measured)")
+        return _ADOPTAdapter()
     if AdaShiftSpatial and isinstance(optimizer, AdaShiftSpatial):
         return _AdaShiftSpatialAdapter()
     if AdaShift and isinstance(optimizer, AdaShift):
@@ -300,7 +350,10 @@ class _Tracker:
             if not state or not self.adapter.ready(state, group):
                 out.append(torch.full((idx.numel(),), math.nan, device=self.device))
                 continue
-            t = self.adapter.v(state, group) if which == "v" else self.adapter.ema(state, group)
+            if p.grad is None:  # not stepped now: no sample (the g gather is NaN too)
+                out.append(torch.full((idx.numel(),), math.nan, device=self.device))
+                continue
+            t = (self.adapter.v if which == "v" else self.adapter.ema)(state, group, p.grad)
             key = (k, tuple(t.shape))
             if key not in self._vidx:
                 self._vidx[key] = _block_index(idx.cpu(), p.shape, t.shape).to(self.device)
@@ -318,7 +371,8 @@ class _Tracker:
         for name, p, group, idx in self.entries:
             state = self.optimizer.state.get(p, {})
             ready = bool(state) and self.adapter.ready(state, group)  # else no v: the coordinates are skipped
-            bc = 1.0 - group["betas"][1] ** self.adapter.count(state, group) if ready else 1.0
+            bc = 1.0 - group["betas"][1] ** self.adapter.count(state, group) if ready and self.adapter.bias_corrected \
+                else 1.0
             rows.append((float(group["lr"]), 1.0 / bc, float(group.get("eps", 1e-8))))
         if all(r == rows[0] for r in rows):
             return rows[0]
@@ -425,7 +479,8 @@ class _Tracker:
             u = g * g
         else:
             ema = self._gather("ema")
-            prev = self.ema_prev if self.ema_prev is not None else torch.zeros_like(ema)
+            prev = self.ema_prev if self.ema_prev is not None else (
+                ema if self.adapter.first_v_is_sample else torch.zeros_like(ema))
             beta2 = self._per_coord([e[2]["betas"][1] for e in self.entries])
             u = (ema - beta2 * prev) / (1.0 - beta2)
             self.ema_prev = torch.where(present, ema, prev)

@@ -4,8 +4,9 @@
     list_optimizers()                                 # {name: defaults}
 
 Defaults are the paper's suggestions: AdaShift lr 1e-2, n 10, beta1 0.9, beta2 0.999
-(Appendix I.2-I.3); Adam/AMSGrad lr 1e-3, (0.9, 0.999). Adam, AMSGrad, NAdam and SGD
-are torch.optim's own classes.
+(Appendix I.2-I.3); Adam/AMSGrad lr 1e-3, (0.9, 0.999). Adam, AdamW, AMSGrad, NAdam and SGD
+are torch.optim's own classes (AdamW with torch's defaults, weight decay 1e-2); ADOPT has the
+official implementation's defaults (lr 1e-3, (0.9, 0.9999), eps 1e-6, clip k**0.25).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from adashift_pl.optim.adashift import AdaShift, AdaShiftSpatial
+from adashift_pl.optim.adopt import ADOPT
 
 __all__ = ["OptimInfo", "OPTIMIZERS", "ALIASES", "build_optimizer", "list_optimizers", "param_groups_weight_decay"]
 
@@ -51,6 +53,11 @@ OPTIMIZERS: dict[str, OptimInfo] = {
     "nadam": OptimInfo(torch.optim.NAdam, "torch.optim.NAdam", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)),
     "sgd": OptimInfo(torch.optim.SGD, "torch.optim.SGD (momentum/nesterov configurable)",
                      dict(lr=1e-1, momentum=0.0, nesterov=False)),
+    "adamw": OptimInfo(torch.optim.AdamW, "torch.optim.AdamW (decoupled weight decay)",
+                       dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)),
+    "adopt": OptimInfo(ADOPT, "ADOPT (Taniguchi et al., NeurIPS 2024), the official algorithm with its clip",
+                       dict(lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, clip_exp=0.25, weight_decay=0.0,
+                            decouple=False)),
 }
 ALIASES = {"adashift-temporal": "non-adashift", "max-adashift": "adashift"}
 
