@@ -193,6 +193,8 @@ def check_optimizer_on_model(optimizer: dict, module) -> None:
     that only fails with this model's parameters fails here, not inside the Trainer."""
     from adashift_pl.optim import build_optimizer
 
+    if next(iter(module.parameters()), None) is None:
+        return  # a network built in setup() (NMT): its parameters do not exist yet
     hp = {k: v for k, v in optimizer.items() if k != "name"}
     try:
         build_optimizer(optimizer["name"], module, **hp)

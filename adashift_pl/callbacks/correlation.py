@@ -479,8 +479,10 @@ class _Tracker:
             u = g * g
         else:
             ema = self._gather("ema")
-            prev = self.ema_prev if self.ema_prev is not None else (
-                ema if self.adapter.first_v_is_sample else torch.zeros_like(ema))
+            # v's value before its first innovation, for coordinates with no earlier sample (NaN in
+            # ema_prev: no v yet, e.g. ADOPT's first step, which only sets v_1 = g_1^2)
+            start = ema if self.adapter.first_v_is_sample else torch.zeros_like(ema)
+            prev = start if self.ema_prev is None else torch.where(torch.isnan(self.ema_prev), start, self.ema_prev)
             beta2 = self._per_coord([e[2]["betas"][1] for e in self.entries])
             u = (ema - beta2 * prev) / (1.0 - beta2)
             self.ema_prev = torch.where(present, ema, prev)
