@@ -7,6 +7,10 @@ directory per combination, then writes the report (`python -m adashift_pl.report
     python -m adashift_pl.compare --task counterexample --optimizers adam,amsgrad,adashift \\
         --seeds 3 --grid optimizer.lr=1e-3,1e-2 --trainer.max_steps 20000 --jobs 2
     python -m adashift_pl.compare --recipe fig4          # configs/sweeps/fig4.yaml
+    python -m adashift_pl.compare --recipe fig4 --launcher slurm --slurm.partition gpu  # adashift_pl/slurm.py
+
+Before anything launches, every combination (seeds aside) goes through train's own checks
+(`adashift_pl.train.check`): a key the optimizer or task does not take stops the sweep, exit 2.
 
 Sweep directory (default sweeps/<recipe> or sweeps/<task>-<timestamp>):
 
@@ -14,7 +18,9 @@ Sweep directory (default sweeps/<recipe> or sweeps/<task>-<timestamp>):
     runs/<combo>/             one combination: stdout.log, stderr.log, compare.json (exit code,
                               run directory, time), error.txt (stderr tail, if it failed) and the
                               run itself under <task>/<optimizer>/<combo>/ (train.py's layout,
-                              with --log-dir runs/<combo> --run-name <combo>)
+                              with --log-dir runs/<combo> --run-name <combo>: compare reads its
+                              summary.json there)
+    slurm/                    --launcher slurm: batch scripts, jobs.json, the tasks' logs
     report/                   report.md, report.json and the figures
 
 Re-running the same command resumes the sweep: a combination whose summary.json says

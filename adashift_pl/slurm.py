@@ -305,17 +305,21 @@ def submit(sweep_dir: Path, script: str, names: Sequence[str], opts: dict, numbe
     return job_id
 
 
-def queue(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+def queue(job_ids: Sequence[str], attempts: int = 3) -> dict[str, tuple[str, str]]:
     """{'123_4': (state, reason)} for the array tasks of these jobs that SLURM still knows (pending,
-    running, or ended within MinJobAge)."""
+    running, or ended within MinJobAge). A failing squeue (slurmctld restarting) is asked again."""
     if not job_ids:
         return {}
-    proc = subprocess.run(["squeue", "--noheader", "--array", "--states=all", "--format=%F|%K|%T|%r",
-                           f"--jobs={','.join(sorted(set(job_ids)))}"], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        if "Invalid job id" in proc.stderr:
-            return {}  # every one of them has left the queue
-        raise RuntimeError(f"squeue failed: {_one_line(proc.stderr)}")
+    cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%F|%K|%T|%r",
+           f"--jobs={','.join(sorted(set(job_ids)))}"]
+    for attempt in range(attempts):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0 or "Invalid job id" in proc.stderr:
+            break  # (every one of them has left the queue)
+        if attempt + 1 == attempts:
+            raise UserError(f"squeue failed: {_one_line(proc.stderr)}; the jobs are not affected: re-run the "
+                            "same command to follow them")
+        time.sleep(5)
     out = {}
     for line in proc.stdout.splitlines():
         parts = line.strip().split("|")
