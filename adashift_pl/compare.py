@@ -330,7 +330,8 @@ def prepare_start(sweep_dir: Path, combo: dict) -> Path | None:
 def run_logged(cmd: list[str], combo_dir: Path, env: dict,
                on_start: Callable[[subprocess.Popen], None] = lambda proc: None) -> tuple[int, str]:
     """Run `cmd` with its output appended to combo_dir/stdout.log and stderr.log (after a header
-    line with the time and command). Returns (exit code, the last lines it wrote to stderr)."""
+    line with the time and command); on_start(proc) is called once it runs (it may watch it until
+    it ends). Returns (exit code, the last lines it wrote to stderr)."""
     combo_dir.mkdir(parents=True, exist_ok=True)
     with open(combo_dir / "stdout.log", "ab") as out, open(combo_dir / "stderr.log", "ab") as err:
         header = f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {shlex.join(cmd)}\n"

@@ -141,7 +141,7 @@ def test_batch_script_runs_the_local_launchers_commands(tmp_path):
                      "#SBATCH --open-mode=append", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300",
                      "#SBATCH --partition=gpu", "#SBATCH --time=4:00:00", "#SBATCH --gpus-per-node=1",
                      "#SBATCH --cpus-per-task=8", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
-                     "#SBATCH --exclusive", f"#SBATCH --job-name=adashift-sweep", f"#SBATCH --chdir={Path.cwd()}"]:
+                     "#SBATCH --exclusive", "#SBATCH --job-name=adashift-sweep", f"#SBATCH --chdir={Path.cwd()}"]:
         assert expected in lines, expected
     # array index i -> names[i], listed with exactly the command the local launcher runs
     sweep_local = C.Sweep(sweep, plan)
@@ -157,6 +157,25 @@ def test_batch_script_runs_the_local_launchers_commands(tmp_path):
     got = subprocess.run(["bash", "-c", probe], env={**os.environ, "SLURM_ARRAY_TASK_ID": "2"},
                          capture_output=True, text=True).stdout.strip()
     assert got == names[2]
+
+
+def test_recipe_slurm_block_and_dry_run(tmp_path, monkeypatch, capsys):
+    """A recipe's slurm: block sets the cluster options, --slurm.KEY flags override them; --dry-run
+    prints the batch script and needs no SLURM at all."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("title: t\nexpect: e\ntask: counterexample\noptimizers: [adam]\nseeds: 2\n"
+                      "slurm: {partition: gpu, time: '2:00:00', extra: ['--exclusive']}\n")
+    assert C.main(["--recipe", str(recipe), "--launcher", "slurm", "--dry-run", "--out", str(tmp_path / "s"),
+                   "--slurm.time", "30", *TINY]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for expected in ("#SBATCH --partition=gpu", "#SBATCH --time=30", "#SBATCH --exclusive", "#SBATCH --array=0-1"):
+        assert expected in lines, expected
+    assert not (tmp_path / "s").exists()
+    recipe.write_text(recipe.read_text().replace("partition: gpu", "queue: gpu"))
+    assert C.main(["--recipe", str(recipe), "--launcher", "slurm", "--dry-run", "--out", str(tmp_path / "s")]) == 2
+    assert "unknown recipe slurm key 'queue'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- errors before anything is submitted
@@ -385,20 +404,6 @@ def test_task_saves_and_requeues_on_sigusr1(tmp_path, monkeypatch):
     assert summary["status"] == "interrupted" and 0 < summary["global_step"] < 10**6
     assert (sweep / combo["run_dir"] / "checkpoints" / "last.ckpt").is_file()
     assert "SIGUSR1: the run saves last.ckpt" in out and "scontrol requeue 77_0: done" in out
-
-
-def test_task_that_fails_on_its_own_is_not_requeued(tmp_path, monkeypatch):
-    d = fake_slurm(tmp_path, monkeypatch)
-    sweep, plan = _sweep_on_disk(tmp_path, steps=20)
-    plan["passthrough"] += ["--model.bound", "-1"]  # the task's constructor refuses it: exit 2
-    (sweep / "sweep.json").write_text(json.dumps(plan))
-    name = plan["combos"][0]["name"]
-    proc = subprocess.run([sys.executable, "-m", "adashift_pl.slurm", "task", str(sweep), name],
-                          env=_task_env(d), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    record = json.loads((sweep / "runs" / name / "compare.json").read_text())
-    assert record["exit_code"] == 2 and "invalid model.bound" in record["stderr_tail"]
-    assert not any("requeue" in c for c in calls(d))
 
 
 def test_task_requeued_without_progress_gives_up(tmp_path, monkeypatch):
