@@ -58,6 +58,9 @@ from adashift_pl.files import atomic_write_text, read_json
 
 REQUEUE_SIGNAL = signal.SIGUSR1  # the batch shell's "save and requeue" (Lightning's choice too)
 MAX_STALLS = 3  # requeues in a row without a trained step before the run counts as failed
+# A task that ended this recently and whose files do not say "done" yet is not judged yet: what a
+# compute node wrote can reach the login node's view of a shared file system late (NFS caches).
+SETTLE_SECONDS = 60
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel")
 
 # --slurm.KEY: (sbatch option or None for compare's own, kind, default, help). One table: parsing,
@@ -305,12 +308,13 @@ def submit(sweep_dir: Path, script: str, names: Sequence[str], opts: dict, numbe
     return job_id
 
 
-def queue(job_ids: Sequence[str], attempts: int = 3) -> dict[str, tuple[str, str]]:
-    """{'123_4': (state, reason)} for the array tasks of these jobs that SLURM still knows (pending,
-    running, or ended within MinJobAge). A failing squeue (slurmctld restarting) is asked again."""
+def queue(job_ids: Sequence[str], attempts: int = 3) -> dict[str, tuple[str, str, float | None]]:
+    """{'123_4': (state, reason, seconds since it ended or None)} for the array tasks of these jobs
+    that SLURM still knows (pending, running, or ended within MinJobAge). A failing squeue
+    (slurmctld restarting) is asked again."""
     if not job_ids:
         return {}
-    cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%F|%K|%T|%r",
+    cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%F|%K|%T|%r|%e",
            f"--jobs={','.join(sorted(set(job_ids)))}"]
     for attempt in range(attempts):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -323,9 +327,16 @@ def queue(job_ids: Sequence[str], attempts: int = 3) -> dict[str, tuple[str, str
     out = {}
     for line in proc.stdout.splitlines():
         parts = line.strip().split("|")
-        if len(parts) == 4:
-            out[f"{parts[0]}_{parts[1]}"] = (parts[2], parts[3])
+        if len(parts) == 5:
+            out[f"{parts[0]}_{parts[1]}"] = (parts[2], parts[3], _seconds_since(parts[4]))
     return out
+
+
+def _seconds_since(text: str) -> float | None:
+    try:  # squeue prints the cluster's local time, e.g. 2026-12-02T05:00:30 (N/A before the end)
+        return time.time() - datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------- state of a sweep
@@ -365,21 +376,25 @@ def sweep_status(sweep_dir: Path, plan: dict) -> dict[str, RunStatus]:
     out = {}
     for combo in plan["combos"]:
         name, job = combo["name"], latest.get(combo["name"])
-        state, reason = in_queue.get(job, (None, "")) if job else (None, "")
+        state, reason, ended = in_queue.get(job, (None, "", None)) if job else (None, "", None)
         if state in PENDING_STATES:
             out[name] = RunStatus("pending", job, reason if reason not in ("None", "") else state)
         elif state is not None and state not in ENDED_STATES:
             out[name] = RunStatus("running", job, state)
         else:
-            out[name] = _ended_status(sweep_dir, combo, job, state)
+            out[name] = _ended_status(sweep_dir, combo, job, state,
+                                      settled=ended is None or ended >= SETTLE_SECONDS)
     return out
 
 
-def _ended_status(sweep_dir: Path, combo: dict, job: str | None, queue_state: str | None) -> RunStatus:
+def _ended_status(sweep_dir: Path, combo: dict, job: str | None, queue_state: str | None,
+                  settled: bool = True) -> RunStatus:
     record = read_json(sweep_dir / "runs" / combo["name"] / "compare.json") or {}
     finished = "exit_code" in record
     if run_state(sweep_dir, combo)[0] == "completed" and record.get("exit_code") in (None, 0):
         return RunStatus("done", job)
+    if not settled:
+        return RunStatus("running", job, f"{queue_state}, its files not settled yet")
     if job is None:
         if finished:  # ran before (e.g. through --launcher local) and failed
             return RunStatus("failed", None, f"exit {record['exit_code']}")

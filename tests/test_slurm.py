@@ -40,7 +40,8 @@ echo $((n + 1)) > "$FAKE_SLURM_DIR/next-id"
 cp "${@: -1}" "$FAKE_SLURM_DIR/submitted-$n.sbatch"
 echo "$n"
 ''',
-    # squeue prints queue.K on its K-th call (the last one again after that); no file: nothing queued
+    # squeue prints queue.K (%F|%K|%T|%r|%e rows) on its K-th call (the last one again after that);
+    # no file: nothing queued
     "squeue": r'''
 echo "squeue $*" >> "$FAKE_SLURM_DIR/calls"
 k=$(( $(cat "$FAKE_SLURM_DIR/squeue-calls" 2>/dev/null || echo 0) + 1 ))
@@ -197,7 +198,8 @@ def test_no_sbatch_on_path(tmp_path, monkeypatch, capsys):
     (["--slurm.partition", "nope"], "error: SLURM rejects the job (sbatch: error: invalid partition specified: nope; "
                                     "allocation failure: Invalid partition name specified)"),
     (["--gpus", "0,1"], "error: --gpus is for --launcher local"),
-    (["--trainer.devices", "2", "--slurm.ntasks_per_node", "3"], "error: --slurm.ntasks_per_node 3 but trainer.devices 2"),
+    (["--trainer.devices", "2", "--slurm.ntasks_per_node", "3"],
+     "error: --slurm.ntasks_per_node 3 but trainer.devices 2"),
 ])
 def test_user_errors_exit_2_before_submitting(extra, message, tmp_path, monkeypatch, capsys):
     d = fake_slurm(tmp_path, monkeypatch)
@@ -275,8 +277,10 @@ def test_submit_report_state_and_resubmit_only_what_is_missing_or_failed(tmp_pat
     # run 0 completed, run 1 failed on its own, run 2 still running, run 3 was cancelled while pending
     _finish(sweep, plan, names[0], "100_0", rc=0, status="completed")
     _finish(sweep, plan, names[1], "100_1", rc=2, status=None)
-    (d / "queue.1").write_text("100|0|COMPLETED|None\n100|1|FAILED|NonZeroExitCode\n100|2|RUNNING|None\n"
-                               "100|3|CANCELLED|None\n")
+    (d / "queue.1").write_text("100|0|COMPLETED|None|2020-01-01T00:00:00\n"
+                               "100|1|FAILED|NonZeroExitCode|2020-01-01T00:00:00\n"
+                               "100|2|RUNNING|None|N/A\n"
+                               "100|3|CANCELLED|None|2020-01-01T00:00:00\n")
     assert C.main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "4 runs: 0 pending, 1 running, 1 done, 2 failed" in out[0]
@@ -287,10 +291,11 @@ def test_submit_report_state_and_resubmit_only_what_is_missing_or_failed(tmp_pat
 
     # waiting (no --no-wait): the resubmitted runs and the running one end; each ending is said once
     for k, rows in enumerate([
-        ["100|2|RUNNING|None", "101|0|PENDING|Priority", "101|1|PENDING|Priority"],
-        ["100|2|RUNNING|None", "101|0|RUNNING|None", "101|1|PENDING|Resources"],
-        ["100|2|COMPLETED|None", "101|0|RUNNING|None", "101|1|RUNNING|None"],
-        ["100|2|COMPLETED|None", "101|0|FAILED|None", "101|1|COMPLETED|None"],
+        ["100|2|RUNNING|None|N/A", "101|0|PENDING|Priority|N/A", "101|1|PENDING|Priority|N/A"],
+        ["100|2|RUNNING|None|N/A", "101|0|RUNNING|None|N/A", "101|1|PENDING|Resources|N/A"],
+        ["100|2|COMPLETED|None|2020-01-01T00:00:00", "101|0|RUNNING|None|N/A", "101|1|RUNNING|None|N/A"],
+        ["100|2|COMPLETED|None|2020-01-01T00:00:00", "101|0|FAILED|None|2020-01-01T00:00:00",
+         "101|1|COMPLETED|None|2020-01-01T00:00:00"],
     ], start=1):
         (d / f"queue.{k}").write_text("\n".join(rows) + "\n")
     (d / "squeue-calls").write_text("0")
@@ -322,13 +327,21 @@ def test_a_task_killed_without_a_record_is_failed_with_slurms_state(tmp_path, mo
     # task 0 started (the wrapper's start record) and was killed at its time limit; task 1 was never started
     (sweep / "runs" / names[0]).mkdir(parents=True)
     (sweep / "runs" / names[0] / "compare.json").write_text(json.dumps({"slurm": {"job": "7_0"}, "attempts": 0}))
-    (d / "queue.1").write_text("7|0|TIMEOUT|TimeLimit\n7|1|CANCELLED|None\n7|2|RUNNING|None\n7|3|PENDING|Priority\n")
+    (d / "queue.1").write_text("7|0|TIMEOUT|TimeLimit|2020-01-01T00:00:00\n7|1|CANCELLED|None|2020-01-01T00:00:00\n"
+                               "7|2|RUNNING|None|N/A\n7|3|PENDING|Priority|N/A\n")
     status = S.sweep_status(sweep, plan)
     assert [status[n].state for n in names] == ["failed", "failed", "running", "pending"]
     assert status[names[0]].detail.startswith("ended TIMEOUT without a record from the run")
     assert status[names[1]].detail == "never started (CANCELLED)"
     record = json.loads((sweep / "runs" / names[0] / "compare.json").read_text())
     assert record["exit_code"] == -1 and "TIMEOUT" in record["stderr_tail"]
+    # a task that ended a moment ago is not judged until its files can have arrived (shared file systems)
+    just_now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    (sweep / "runs" / names[2]).mkdir(parents=True)
+    (sweep / "runs" / names[2] / "compare.json").write_text(json.dumps({"slurm": {"job": "7_2"}}))
+    (d / "queue.2").write_text(f"7|2|FAILED|NonZeroExitCode|{just_now}\n")
+    assert S.sweep_status(sweep, plan)[names[2]].state == "running"
+    assert "exit_code" not in json.loads((sweep / "runs" / names[2] / "compare.json").read_text())
     # the report lists it as failed (it reads compare.json as for a local sweep)
     (sweep / "sweep.json").write_text(json.dumps(plan))
     from adashift_pl.report import load_runs
