@@ -7,6 +7,10 @@ directory per combination, then writes the report (`python -m adashift_pl.report
     python -m adashift_pl.compare --task counterexample --optimizers adam,amsgrad,adashift \\
         --seeds 3 --grid optimizer.lr=1e-3,1e-2 --trainer.max_steps 20000 --jobs 2
     python -m adashift_pl.compare --recipe fig4          # configs/sweeps/fig4.yaml
+    python -m adashift_pl.compare --recipe fig4 --launcher slurm --slurm.partition gpu  # adashift_pl/slurm.py
+
+Before anything launches, every combination (seeds aside) goes through train's own checks
+(`adashift_pl.train.check`): a key the optimizer or task does not take stops the sweep, exit 2.
 
 Sweep directory (default sweeps/<recipe> or sweeps/<task>-<timestamp>):
 
@@ -14,7 +18,9 @@ Sweep directory (default sweeps/<recipe> or sweeps/<task>-<timestamp>):
     runs/<combo>/             one combination: stdout.log, stderr.log, compare.json (exit code,
                               run directory, time), error.txt (stderr tail, if it failed) and the
                               run itself under <task>/<optimizer>/<combo>/ (train.py's layout,
-                              with --log-dir runs/<combo> --run-name <combo>)
+                              with --log-dir runs/<combo> --run-name <combo>: compare reads its
+                              summary.json there)
+    slurm/                    --launcher slurm: batch scripts, jobs.json, the tasks' logs
     report/                   report.md, report.json and the figures
 
 Re-running the same command resumes the sweep: a combination whose summary.json says
@@ -129,13 +135,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "_"
 
 
+def _name_value(v: Any) -> str:
+    """A grid value as it appears in a run name: 0.001, (0, 0.999) (before _slug)."""
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_name_value(x) for x in v) + ")"
+    return str(v)
+
+
 def combo_name(optimizer: str, params: dict, seed: int) -> str:
     """adam__lr=0.001__seed0 (the optimizer. prefix dropped; other sections kept)."""
-    from adashift_pl.report import format_value
-
     parts = [_slug(optimizer)]
     for k, v in params.items():
-        parts.append(f"{_slug(k.removeprefix('optimizer.'))}={_slug(format_value(v))}")
+        parts.append(f"{_slug(k.removeprefix('optimizer.'))}={_slug(_name_value(v))}")
     return "__".join(parts + [f"seed{seed}"])
 
 
@@ -175,7 +188,7 @@ def load_recipe(name: str) -> dict:
     path = find_recipe(name)
     recipe = load_yaml(path)
     allowed = {"title", "expect", "task", "seeds", "optimizers", "grid", "set", "target", "baseline", "select",
-               "config", "notes"}
+               "config", "notes", "slurm"}
     unknown = set(recipe) - allowed
     if unknown:
         raise UserError(f"recipe {path}: unknown key(s) {', '.join(sorted(unknown))}; allowed are "
@@ -237,16 +250,19 @@ def plan_combos(optimizers: dict[str, dict], grid: dict[str, list], cli_grids: d
     return combos
 
 
-# --------------------------------------------------------------------------- running
+# --------------------------------------------------------------------------- one run (both launchers)
+
+
+def run_dir_of(sweep_dir: Path, combo: dict) -> Path:
+    """Where train puts a combination's run: fixed by --log-dir runs/<combo> --run-name <combo>
+    (a resumed run continues in its checkpoint's directory, the same one)."""
+    return sweep_dir / combo["run_dir"]
 
 
 def run_state(sweep_dir: Path, combo: dict) -> tuple[str, Path | None]:
-    """('completed', run_dir) | ('resume', last.ckpt) | ('new', None) for one combination."""
-    run_dir = sweep_dir / combo["run_dir"]
-    record = read_json(sweep_dir / "runs" / combo["name"] / "compare.json") or {}
-    if record.get("run_dir"):
-        p = Path(record["run_dir"])
-        run_dir = p if p.is_absolute() else sweep_dir / p
+    """('completed', run_dir) | ('resume', last.ckpt) | ('new', None) for one combination, from its
+    summary.json and checkpoints."""
+    run_dir = run_dir_of(sweep_dir, combo)
     summary = read_json(run_dir / "summary.json")
     if summary and summary.get("status") == "completed":
         return "completed", run_dir
@@ -261,8 +277,144 @@ def run_state(sweep_dir: Path, combo: dict) -> tuple[str, Path | None]:
     return "new", None
 
 
+def train_command(plan: dict, sweep_dir: Path, combo: dict, resume: Path | None,
+                  python: str = sys.executable) -> list[str]:
+    """The `python -m adashift_pl.train` command of one combination, with its fixed run name."""
+    # On resume the checkpoint names the optimizer (train.py reads it from there).
+    opt = ["--optimizer", combo["optimizer"]] if resume is None else []
+    cmd = [python, "-m", "adashift_pl.train", "--task", plan["task"], *opt,
+           "--seed", str(combo["seed"]), "--log-dir", str((sweep_dir / "runs" / combo["name"]).resolve()),
+           "--run-name", combo["name"]]
+    cmd += plan.get("passthrough", []) + combo_flags(combo.get("fixed", {}), combo["params"])
+    if resume is not None:
+        cmd += ["--resume", str(resume.resolve())]
+    return cmd
+
+
+def check_plan(plan: dict, sweep_dir: Path) -> list[dict]:
+    """Every distinct combination (seeds aside) through train's own checks, before anything
+    launches: a key the optimizer or task does not take, or a value of the wrong kind, is one
+    UserError naming the run instead of N runs that start and fail. Returns the resolved configs."""
+    from adashift_pl import train
+
+    configs: dict[str, dict] = {}
+    for combo in plan["combos"]:
+        key = json.dumps([combo["optimizer"], combo.get("fixed"), combo["params"]], sort_keys=True)
+        if key not in configs:
+            try:
+                configs[key] = train.check(train_command(plan, sweep_dir, combo, None)[3:])
+            except UserError as e:
+                raise UserError(f"run {combo['name']}: {e}") from None
+    return list(configs.values())
+
+
+def prepare_start(sweep_dir: Path, combo: dict) -> Path | None:
+    """Before a combination (re)starts: the last.ckpt it resumes from, or None -- and then the
+    leftovers of a failed attempt are moved aside, kept (train refuses a --run-name whose directory
+    already holds a run)."""
+    state, path = run_state(sweep_dir, combo)
+    if state == "resume":
+        return path
+    expected = run_dir_of(sweep_dir, combo)
+    if state == "new" and expected.exists():
+        k = 1
+        while expected.with_name(f"{expected.name}.failed-{k}").exists():
+            k += 1
+        expected.rename(expected.with_name(f"{expected.name}.failed-{k}"))
+    return None
+
+
+def run_logged(cmd: list[str], combo_dir: Path, env: dict,
+               on_start: Callable[[subprocess.Popen], None] = lambda proc: None) -> tuple[int, str]:
+    """Run `cmd` with its output appended to combo_dir/stdout.log and stderr.log (after a header
+    line with the time and command); on_start(proc) is called once it runs (it may watch it until
+    it ends). Returns (exit code, the last lines it wrote to stderr)."""
+    combo_dir.mkdir(parents=True, exist_ok=True)
+    with open(combo_dir / "stdout.log", "ab") as out, open(combo_dir / "stderr.log", "ab") as err:
+        header = f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {shlex.join(cmd)}\n"
+        out.write(header.encode())
+        err.write(header.encode())
+        out.flush()
+        err.flush()
+        err_start = err.tell()
+        try:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL)
+        except OSError as e:
+            err.write(f"could not start: {e}\n".encode())
+            rc = 127
+        else:
+            on_start(proc)
+            rc = proc.wait()
+    stderr_new = (combo_dir / "stderr.log").read_bytes()[err_start:].decode(errors="replace")
+    return rc, "\n".join(stderr_new.rstrip().splitlines()[-STDERR_TAIL_LINES:])
+
+
+def outcome(rc: int | None, summary: dict | None) -> str:
+    """completed | interrupted (stopped by a signal, last.ckpt saved) | failed."""
+    status = (summary or {}).get("status")
+    if rc == 0 and status == "completed":
+        return "completed"
+    if status == "interrupted" and rc in (130, 143):
+        return "interrupted"
+    return "failed"
+
+
+def record_run(sweep_dir: Path, combo: dict, cmd: list[str], rc: int, seconds: float, tail: str,
+               **extra) -> tuple[str, dict]:
+    """Write runs/<combo>/compare.json (and error.txt for a failure) after one attempt; the run's
+    own summary.json says how it ended. Returns (outcome, summary)."""
+    combo_dir = sweep_dir / "runs" / combo["name"]
+    previous = read_json(combo_dir / "compare.json") or {}
+    record = {"command": cmd, "exit_code": rc, "seconds": round(seconds, 3), "run_dir": combo["run_dir"],
+              "attempts": int(previous.get("attempts", 0)) + 1,
+              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra}
+    if rc != 0:
+        record["stderr_tail"] = tail
+        atomic_write_text(combo_dir / "error.txt", f"exit code {rc}\n$ {shlex.join(cmd)}\n\n{tail}\n")
+    else:
+        (combo_dir / "error.txt").unlink(missing_ok=True)
+    atomic_write_text(combo_dir / "compare.json", json.dumps(record, indent=2, allow_nan=True))
+    summary = read_json(run_dir_of(sweep_dir, combo) / "summary.json") or {}
+    return outcome(rc, summary), summary
+
+
+def headline(summary: dict, select: str | None = None) -> str:
+    """'  val/acc=0.91': the metric a finished run is shown with -- the sweep's --select metric, else
+    the task's monitor (the summary's best_metric), else val/loss, a val/*loss*, train/loss."""
+    metrics = summary.get("final_metrics") or {}
+    names = [select.partition(":")[0]] if select else []
+    names += [(summary.get("best_metric") or {}).get("name"), "val/loss",
+              *sorted(k for k in metrics if k.startswith("val/") and "loss" in k), "train/loss"]
+    for name in names:
+        value = metrics.get(name)
+        if isinstance(value, (int, float)):
+            return f"  {name}={value:.4g}"
+    return ""
+
+
+def last_error_line(tail: str) -> str:
+    """The line that says why a run failed: the last of its stderr, skipping the launcher's own
+    notices (srun's 'task 0: Exited with exit code 2')."""
+    lines = [ln for ln in tail.splitlines() if ln.strip() and not ln.startswith(("srun: ", "slurmstepd"))]
+    return lines[-1][:300] if lines else "(no stderr)"
+
+
+def outcome_line(result: str, name: str, sweep_dir: Path, *, rc: int | None, seconds: float | None,
+                 summary: dict, tail: str = "", select: str | None = None) -> str:
+    """One line for a run that ended: done / interrupted / FAILED."""
+    took = f"  {seconds:.1f} s" if seconds is not None else ""
+    if result == "completed":
+        return f"done    {name}{took}{headline(summary, select)}{'  DIVERGED' if summary.get('diverged') else ''}"
+    if result == "interrupted":
+        return f"interrupted {name} (exit {rc}); re-run to resume"
+    return f"FAILED  {name}  exit {rc}: {last_error_line(tail)}  [{Path('runs', name, 'error.txt')}]"
+
+
+# --------------------------------------------------------------------------- the local launcher
+
+
 class Sweep:
-    """Runs the planned combinations, `jobs` at a time, and records each outcome."""
+    """Runs the planned combinations as local processes, `jobs` at a time, and records each outcome."""
 
     def __init__(self, sweep_dir: Path, plan: dict, *, jobs: int = 1, gpus: Sequence[str] = (),
                  python: str = sys.executable, echo: Callable[[str], None] = print):
@@ -289,16 +441,7 @@ class Sweep:
                     proc.terminate()
 
     def command(self, combo: dict, resume: Path | None) -> list[str]:
-        p = self.plan
-        # On resume the checkpoint names the optimizer (train.py reads it from there).
-        opt = ["--optimizer", combo["optimizer"]] if resume is None else []
-        cmd = [self.python, "-m", "adashift_pl.train", "--task", p["task"], *opt,
-               "--seed", str(combo["seed"]), "--log-dir", str((self.dir / "runs" / combo["name"]).resolve()),
-               "--run-name", combo["name"]]
-        cmd += p.get("passthrough", []) + combo_flags(combo.get("fixed", {}), combo["params"])
-        if resume is not None:
-            cmd += ["--resume", str(resume.resolve())]
-        return cmd
+        return train_command(self.plan, self.dir, combo, resume, self.python)
 
     def _say(self, text: str) -> None:
         with self.lock:
@@ -323,7 +466,7 @@ class Sweep:
             # J CPU-bound processes share the cores instead of each grabbing all of them
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
         pool = ThreadPoolExecutor(max_workers=self.jobs)
-        futures = [pool.submit(self._run_one, combo, resume, env) for combo, resume in todo]
+        futures = [pool.submit(self._run_one, combo, env) for combo, _ in todo]
         try:
             for f in futures:
                 f.result()
@@ -337,18 +480,10 @@ class Sweep:
         pool.shutdown(wait=True)
         return self.outcomes
 
-    def _run_one(self, combo: dict, resume: Path | None, base_env: dict) -> None:
+    def _run_one(self, combo: dict, base_env: dict) -> None:
         name = combo["name"]
-        combo_dir = self.dir / "runs" / name
-        combo_dir.mkdir(parents=True, exist_ok=True)
-        previous = read_json(combo_dir / "compare.json") or {}
-        if resume is None:
-            expected = self.dir / combo["run_dir"]
-            if expected.exists():  # leftovers of a failed attempt: keep them, out of the way
-                k = 1
-                while expected.with_name(f"{expected.name}.failed-{k}").exists():
-                    k += 1
-                expected.rename(expected.with_name(f"{expected.name}.failed-{k}"))
+        previous = read_json(self.dir / "runs" / name / "compare.json") or {}
+        resume = prepare_start(self.dir, combo)
         env = dict(base_env)
         gpu = self.gpus.get() if self.gpus else None
         if gpu is not None:
@@ -358,80 +493,26 @@ class Sweep:
         self._say(f"{verb} {name}" + (f" (from {resume.name})" if resume else "") +
                   (f" [CUDA_VISIBLE_DEVICES={gpu}]" if gpu is not None else ""))
         started = time.time()
+
+        def track(proc):
+            with self.lock:
+                self.procs.add(proc)
+
         try:
-            with open(combo_dir / "stdout.log", "ab") as out, open(combo_dir / "stderr.log", "ab") as err:
-                header = f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {shlex.join(cmd)}\n"
-                out.write(header.encode())
-                err.write(header.encode())
-                out.flush()
-                err.flush()
-                err_start = err.tell()
-                try:
-                    proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL)
-                except OSError as e:
-                    err.write(f"could not start: {e}\n".encode())
-                    rc = 127
-                else:
-                    with self.lock:
-                        self.procs.add(proc)
-                    rc = proc.wait()
-                    with self.lock:
-                        self.procs.discard(proc)
+            rc, tail = run_logged(cmd, self.dir / "runs" / name, env, track)
         finally:
+            with self.lock:
+                self.procs = {p for p in self.procs if p.poll() is None}
             if self.gpus is not None and gpu is not None:
                 self.gpus.put(gpu)
         seconds = time.time() - started
-        stderr_new = (combo_dir / "stderr.log").read_bytes()[err_start:].decode(errors="replace")
-        tail = "\n".join(stderr_new.rstrip().splitlines()[-STDERR_TAIL_LINES:])
-        run_dir = self._printed_run_dir(combo_dir / "stdout.log") or (self.dir / combo["run_dir"])
-        try:
-            rel = str(run_dir.resolve().relative_to(self.dir.resolve()))
-        except ValueError:
-            rel = str(run_dir)
-        record = {"command": cmd, "exit_code": rc, "seconds": round(seconds, 3), "run_dir": rel,
-                  "attempts": int(previous.get("attempts", 0)) + 1,
-                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        if rc != 0:
-            record["stderr_tail"] = tail
-            (combo_dir / "error.txt").write_text(f"exit code {rc}\n$ {shlex.join(cmd)}\n\n{tail}\n")
-        else:
-            (combo_dir / "error.txt").unlink(missing_ok=True)
-        atomic_write_text(combo_dir / "compare.json", json.dumps(record, indent=2, allow_nan=True))
-        summary = read_json(run_dir / "summary.json") or {}
+        result, summary = record_run(self.dir, combo, cmd, rc, seconds, tail)
         with self.lock:
             self.done += 1
-            idx = f"[{self.done}/{self.total}]"
-            if rc == 0 and summary.get("status") == "completed":
-                self.outcomes[name] = "completed"
-                metrics = summary.get("final_metrics") or {}
-                from adashift_pl.report import Run, choose_metric
-
-                shown, _ = choose_metric([Run(name, combo["optimizer"], {}, combo["seed"], None, summary)])
-                value = metrics.get(shown)
-                extra = f"  {shown}={value:.4g}" if isinstance(value, (int, float)) else ""
-                div = "  DIVERGED" if summary.get("diverged") else ""
-                self.echo(f"{idx} done    {name}  {seconds:.1f} s{extra}{div}")
-            elif summary.get("status") == "interrupted" and rc in (130, 143):
-                self.outcomes[name] = "interrupted"
-                self.echo(f"{idx} interrupted {name} (exit {rc}); re-run to resume")
-            else:
-                self.outcomes[name] = "failed"
-                last = tail.splitlines()[-1] if tail.strip() else "(no stderr)"
-                self.echo(f"{idx} FAILED  {name}  exit {rc}: {last[:300]}  "
-                          f"[{(combo_dir / 'error.txt').relative_to(self.dir)}]")
-
-    @staticmethod
-    def _printed_run_dir(stdout_log: Path) -> Path | None:
-        """train.py prints the run directory as its last line."""
-        try:
-            lines = [ln.strip() for ln in stdout_log.read_text(errors="replace").splitlines() if ln.strip()]
-        except OSError:
-            return None
-        if lines and not lines[-1].startswith("==="):
-            p = Path(lines[-1])
-            if p.is_dir():
-                return p
-        return None
+            self.outcomes[name] = result
+            self.echo(f"[{self.done}/{self.total}] " + outcome_line(
+                result, name, self.dir, rc=rc, seconds=seconds, summary=summary, tail=tail,
+                select=self.plan.get("select")))
 
 
 # --------------------------------------------------------------------------- command line
@@ -452,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="count (3 = seeds 0,1,2) or list (0,4,7); default 1 or the recipe's")
     p.add_argument("--grid", action="append", default=[], metavar="[OPT:]KEY=V1,V2",
                    help="grid axis, repeatable; OPT: limits it to one optimizer")
-    p.add_argument("--jobs", type=int, default=None, help="runs at a time (default 1, or one per --gpus id)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time (default 1, or one per --gpus id; slurm: the array's %%N, default no limit)")
     p.add_argument("--gpus", default="", help="comma-separated GPU ids; each job gets one (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--out", type=Path, default=None,
                    help="sweep directory (default sweeps/<recipe> or sweeps/<task>-<timestamp>)")
@@ -462,7 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="optimizer the others are paired against (default adam)")
     p.add_argument("--select", default=None, metavar="METRIC[:min|max]",
                    help="metric that picks each optimizer's best grid point (default: the task's monitor)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: runs as processes here (default); slurm: one job array on a SLURM cluster, "
+                        "scheduler options as --slurm.KEY V (see README 'Sweeps on a cluster')")
+    p.add_argument("--no-wait", action="store_true",
+                   help="with --launcher slurm: submit, print the job id and return (re-run to follow or report)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and the commands (slurm: the batch script), run nothing")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     return p
 
@@ -546,6 +634,8 @@ def make_plan(args: argparse.Namespace, rest: list[str]) -> tuple[dict, Path]:
         "targets": targets, "select": args.select or recipe.get("select"),
         "combos": [c.to_json(task) for c in combos],
     }
+    if recipe.get("slurm") is not None:
+        plan["slurm"] = recipe["slurm"]  # the recipe's cluster settings (--slurm.KEY flags override them)
     return plan, out
 
 
@@ -569,36 +659,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
+        from adashift_pl import slurm
+
+        slurm_flags, rest = slurm.split_args(rest)
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-        jobs = args.jobs if args.jobs is not None else max(1, len(gpus))
-        if jobs < 1:
+        if args.jobs is not None and args.jobs < 1:
             raise UserError(f"invalid --jobs {args.jobs}: allowed is an integer >= 1")
+        if args.launcher == "local":
+            if slurm_flags:
+                raise UserError(f"--slurm.{slurm_flags[0][0]} needs --launcher slurm")
+            if args.no_wait:
+                raise UserError("--no-wait needs --launcher slurm (local runs are this process's children)")
+        else:
+            if gpus:
+                raise UserError("--gpus is for --launcher local: on SLURM give --slurm.gpus_per_node N")
+            if not args.dry_run:
+                slurm.require_clients()
         plan, out = make_plan(args, rest)
         plan = merge_with_existing(plan, out)
-        sweep = Sweep(out, plan, jobs=jobs, gpus=gpus)
-        if args.dry_run:
-            print(f"sweep {out}: {len(plan['combos'])} runs")
-            for combo in plan["combos"]:
-                state, path = run_state(out, combo)
-                print(f"{state:9s} {shlex.join(sweep.command(combo, path if state == 'resume' else None))}")
-            return 0
-        out.mkdir(parents=True, exist_ok=True)
-        plan["created_at"] = (read_json(out / "sweep.json") or {}).get(
-            "created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        atomic_write_text(out / "sweep.json", json.dumps(plan, indent=2, allow_nan=True))
+        configs = check_plan(plan, out)  # every run's keys and values, before anything starts
+
+        def save_plan() -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            plan["created_at"] = (read_json(out / "sweep.json") or {}).get(
+                "created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            atomic_write_text(out / "sweep.json", json.dumps(plan, indent=2, allow_nan=True))
+
         started = time.time()
+        if args.launcher == "slurm":
+            opts = slurm.settings(plan.get("slurm"), slurm_flags)
+            try:
+                outcomes = slurm.launch(out, plan, opts, configs, throttle=args.jobs, wait=not args.no_wait,
+                                        dry_run=args.dry_run, save_plan=save_plan)
+            except KeyboardInterrupt:
+                print("stopped following the sweep; its jobs keep running (squeue; slurm/jobs.json has the ids): "
+                      "re-run the same command to follow them again", file=sys.stderr)
+                return 130
+            if outcomes is None:
+                return 0
+        else:
+            jobs = args.jobs if args.jobs is not None else max(1, len(gpus))
+            sweep = Sweep(out, plan, jobs=jobs, gpus=gpus)
+            if args.dry_run:
+                print(f"sweep {out}: {len(plan['combos'])} runs")
+                for combo in plan["combos"]:
+                    state, path = run_state(out, combo)
+                    print(f"{state:9s} {shlex.join(sweep.command(combo, path if state == 'resume' else None))}")
+                return 0
+            save_plan()
 
-        def on_sigterm(signum, frame):  # e.g. a cancelled SLURM job: stop the runs cleanly, then us
-            sweep.terminate()
-            raise KeyboardInterrupt
+            def on_sigterm(signum, frame):  # e.g. a cancelled SLURM job: stop the runs cleanly, then us
+                sweep.terminate()
+                raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
-        try:
-            outcomes = sweep.run_all()
-        except KeyboardInterrupt:
-            return 130
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+            try:
+                outcomes = sweep.run_all()
+            except KeyboardInterrupt:
+                return 130
+            finally:
+                signal.signal(signal.SIGTERM, previous)
         failed = sorted(n for n, o in outcomes.items() if o in ("failed", "interrupted"))
         ran = sum(o != "skipped" for o in outcomes.values())
         print(f"sweep finished in {time.time() - started:.1f} s: {ran} ran, "

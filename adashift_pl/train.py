@@ -479,7 +479,31 @@ def hparam_differences(saved: dict, new: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------
-def _run(argv: list[str]) -> int:
+def check(argv: list[str]) -> dict:
+    """The resolved config of a train command line, after every check train makes before it creates
+    the run directory (UserError otherwise), plus the model/data keys against the task's constructors
+    and the correlation knobs. Nothing is created or trained: `compare` runs it on each combination of
+    a sweep before it launches any."""
+    return _run(list(argv), check_only=True)
+
+
+def check_task_keys(task_name: str, task_module, cfg: dict) -> None:
+    """A model/data key no constructor of the task takes -> UserError (a run finds it only in build).
+    Not judged for a section whose constructors take **kwargs."""
+    import lightning
+
+    for section, base in (("model", lightning.LightningModule), ("data", lightning.LightningDataModule)):
+        classes = [c for c in vars(task_module).values() if inspect.isclass(c) and issubclass(c, base) and c is not base]
+        if any(p.kind is p.VAR_KEYWORD for c in classes for p in inspect.signature(c.__init__).parameters.values()):
+            continue
+        allowed = _init_keys(task_module, base)
+        unknown = sorted(set(cfg[section]) - set(allowed))
+        if unknown:
+            raise UserError(f"unknown {section} key(s) {', '.join(unknown)} for task {task_name}: allowed are "
+                            f"{', '.join(allowed) or '(none)'}")
+
+
+def _run(argv: list[str], check_only: bool = False):
     rest, dotted = split_overrides(argv)
     args = make_parser().parse_args(rest)
     if args.list:
@@ -573,6 +597,11 @@ def _run(argv: list[str]) -> int:
                 f"cannot resume {resume_ckpt} with changed hyper-parameters ({'; '.join(diffs)}): the checkpoint's "
                 f"state would silently replace them. Resume without those flags (trainer settings such as "
                 f"--trainer.max_steps may change), or start a new run without --resume")
+    if check_only:
+        check_task_keys(task_name, task_module, cfg)
+        if args.correlation:
+            make_correlation_callback(cfg.get("correlation"))
+        return cfg
 
     # ---- run directory (rank 0 decides; DDP workers inherit the name through the environment)
     optimizer_name = args.optimizer

@@ -234,17 +234,21 @@ def test_tiny_sweep_runs_resumes_and_reports(tmp_path, capsys):
 
 def test_failed_run_is_reported_not_fatal(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    # lr -1 is refused by the run (exit 2) while lr 1e-2 trains: the sweep goes on and reports both
-    argv = ["--task", "counterexample", "--optimizers", "adam", "--seeds", "1", "--grid", "optimizer.lr=1e-2,-1",
+    # model.bound -1 is refused by the run's task (exit 2, a check no up-front test makes: it is the
+    # constructor's) while bound 1 trains: the sweep goes on and reports both
+    argv = ["--task", "counterexample", "--optimizers", "adam", "--seeds", "1", "--grid", "model.bound=1,-1",
             "--jobs", "2", "--out", str(sweep), *TINY]
+    bad = "adam__model.bound=-1__seed0"
     assert C.main(argv) == 1
     out = capsys.readouterr().out
-    assert "FAILED  adam__lr=-1__seed0  exit 2" in out and "done    adam__lr=0.01__seed0" in out
-    record = json.loads((sweep / "runs" / "adam__lr=-1__seed0" / "compare.json").read_text())
-    assert record["exit_code"] == 2 and "learning rate" in record["stderr_tail"]
-    assert "Invalid learning rate" in (sweep / "runs" / "adam__lr=-1__seed0" / "error.txt").read_text()
+    assert f"FAILED  {bad}  exit 2: error: invalid model.bound -1" in out
+    assert "done    adam__model.bound=1__seed0" in out
+    record = json.loads((sweep / "runs" / bad / "compare.json").read_text())
+    assert record["exit_code"] == 2 and "invalid model.bound" in record["stderr_tail"]
+    assert record["run_dir"] == f"runs/{bad}/counterexample/adam/{bad}"
+    assert "invalid model.bound" in (sweep / "runs" / bad / "error.txt").read_text()
     md = (sweep / "report" / "report.md").read_text()
     failed = _table_rows(md, "Failed")
-    assert failed[0][0] == "adam__lr=-1__seed0" and failed[0][1] == "failed" and failed[0][2] == "2"
+    assert failed[0][0] == bad and failed[0][1] == "failed" and failed[0][2] == "2"
     results = _table_rows(md, "Results")
-    assert results[0][1] == "lr=0.01" and results[0][2] == "1 / 1"
+    assert results[0][2] == "1 / 1"
