@@ -3,8 +3,14 @@
 import http.server
 import threading
 
+import lightning.pytorch  # noqa: F401  (see below)
 import pytest
 import torch
+
+# Lightning's "lightning.pytorch" logger gets a StreamHandler bound to sys.stderr at its first
+# import. Imported here, that is pytest's session-long stream; first imported inside a test using
+# capsys, it would be bound to that test's stream, closed afterwards ("Logging error ... I/O
+# operation on closed file" in every later test's stderr).
 
 
 @pytest.fixture

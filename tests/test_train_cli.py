@@ -119,7 +119,7 @@ def test_user_errors(tmp_path, capsys, argv, needle):
     assert run(tmp_path, *argv, *FAST) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and needle in err[-1], err
-    assert not any("Traceback" in line for line in err)
+    assert not any("Traceback" in line for line in err), "\n".join(err)
 
 
 def test_unreadable_config_file_is_a_user_error(tmp_path, capsys):
