@@ -255,6 +255,8 @@ def check_checkpoint_matches(shapes: dict, module, task: str, path) -> None:
     """--resume of a checkpoint whose weights do not fit this task's model (another task's, or a
     different model config): refused by name, not as Lightning's "Unexpected key(s) in state_dict"."""
     mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if not mine:
+        return  # a network built in setup() (NMT): nothing to compare yet
     missing = sorted(set(mine) - set(shapes))
     unexpected = sorted(set(shapes) - set(mine))
     wrong = sorted(k for k in set(mine) & set(shapes) if tuple(shapes[k]) != mine[k])
