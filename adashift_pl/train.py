@@ -381,6 +381,43 @@ def next_version(root: Path) -> str:
     return f"version_{max(nums) + 1 if nums else 0}"
 
 
+def claim_run_dir(root: Path, run_name: str | None) -> tuple[Path, bool]:
+    """Make the run directory this run's alone: create its checkpoints/ with an exclusive mkdir
+    (atomic), so two runs started at the same moment never share one. version_N moves on to the
+    next N when another run got there first; a --run-name that holds a run is a UserError.
+    Returns the run directory and whether it was created here (see release_run_dir)."""
+    while True:
+        run_dir = root / (run_name or next_version(root))
+        try:
+            try:
+                run_dir.mkdir()
+                created = True
+            except FileExistsError:
+                created = False
+            (run_dir / "checkpoints").mkdir()
+            return run_dir, created
+        except FileExistsError:
+            if run_name:
+                raise UserError(f"run directory {run_dir} already holds a run: choose another --run-name, "
+                                f"or continue it with --resume {run_dir / 'checkpoints' / 'last.ckpt'}") from None
+        except OSError as e:
+            raise UserError(f"cannot create the run directory {run_dir} ({_one_line(e)}): allowed is a "
+                            f"writable --log-dir and a plain --run-name") from None
+
+
+def release_run_dir(run_dir: Path, created: bool) -> None:
+    """Undo claim_run_dir when the command stopped before the run wrote anything there."""
+    ckpt_dir = run_dir / "checkpoints"
+    try:
+        untouched = ckpt_dir.is_dir() and not any(ckpt_dir.iterdir())
+        if untouched and [p.name for p in run_dir.iterdir()] == ["checkpoints"]:
+            ckpt_dir.rmdir()
+            if created:
+                run_dir.rmdir()
+    except OSError:
+        pass
+
+
 def _rank_from_env() -> int:
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "JSM_NAMESPACE_RANK"):
         if os.environ.get(var, "").isdigit():
@@ -534,6 +571,7 @@ def _run(argv: list[str]) -> int:
         run_dir = resume_ckpt.parent.parent
         log_dir = run_dir.parent.parent.parent
         run_name = run_dir.name
+        new_dir = False
         if args.run_name not in (None, run_name):
             raise UserError(f"--run-name {args.run_name} differs from the resumed run {run_dir}: a resumed run "
                             f"continues in its own directory; drop --run-name")
@@ -541,6 +579,7 @@ def _run(argv: list[str]) -> int:
         inherited = os.environ.get(RUN_NAME_ENV) if _rank_from_env() > 0 else None  # a DDP worker
         run_name = args.run_name or inherited or next_version(log_dir / task_name / optimizer_name)
         run_dir = log_dir / task_name / optimizer_name / run_name
+        new_dir = True
     try:  # a --log-dir that is a file or not writable: say so now, not in a traceback from the logger
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(run_dir.parent, os.W_OK | os.X_OK):
@@ -548,9 +587,10 @@ def _run(argv: list[str]) -> int:
     except OSError as e:
         raise UserError(f"cannot create the run directory under {log_dir} ({_one_line(e)}): allowed is a "
                         f"writable directory for --log-dir") from None
-    if args.run_name and resume_ckpt is None and _rank_from_env() == 0 and (run_dir / "checkpoints").exists():
-        raise UserError(f"run directory {run_dir} already holds a run: choose another --run-name, "
-                        f"or continue it with --resume {run_dir / 'checkpoints' / 'last.ckpt'}")
+    claimed = None
+    if new_dir and _rank_from_env() == 0:  # rank 0 claims; other DDP ranks take its name (see RUN_NAME_ENV)
+        run_dir, claimed = claim_run_dir(run_dir.parent, args.run_name)
+        run_name = run_dir.name
 
     # Lightning's DDP launcher re-runs this command for ranks 1..N-1 with our environment: they
     # must use rank 0's run directory even if rank 0 creates it before they look.
@@ -558,6 +598,10 @@ def _run(argv: list[str]) -> int:
     os.environ[RUN_NAME_ENV] = run_name
     try:
         return _fit(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt)
+    except BaseException:
+        if claimed is not None:
+            release_run_dir(run_dir, created=claimed)
+        raise
     finally:
         if previous is None:
             os.environ.pop(RUN_NAME_ENV, None)
