@@ -13,8 +13,9 @@ the MomentCorrelation callback) -> fit -> summary.json in the run directory, who
 is the last line printed.
 
 User errors exit with code 2 and one line on stderr (no traceback). A completed run
-exits 0; a run stopped by SIGINT/SIGTERM exits 130/143 after saving
-checkpoints/last.ckpt and a summary.json with status "interrupted".
+exits 0; a run stopped by SIGINT/SIGTERM/SIGHUP exits 130/143/129 after saving
+checkpoints/last.ckpt and a summary.json with status "interrupted" (adashift_pl.stopping);
+a full or read-only disk or a lost DDP rank exits 1 with one line (status "failed").
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import datetime as _dt
 import inspect
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -40,6 +42,8 @@ from adashift_pl.config import (
     split_overrides,
 )
 from adashift_pl.errors import UserError
+from adashift_pl.files import checkpoint_problem
+from adashift_pl.stopping import RunFailed, Stopped, signal_name, stop_signals
 
 # Code defaults: the lowest layer of the config.
 DEFAULTS: dict[str, Any] = {
@@ -122,13 +126,23 @@ def user_message(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit code (0 ok, 2 user error, 130/143 interrupted)."""
+    """Run the command; returns the exit code (0 ok, 1 failed, 2 user error, 130/143/129 interrupted
+    by SIGINT/SIGTERM/SIGHUP)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return _run(argv)
-    except UserError as e:
-        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
-        return 2
+    with stop_signals():
+        try:
+            return _run(argv)
+        except UserError as e:
+            print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+            return 2
+        except RunFailed as e:  # summary.json (where it could be written) says the same
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
+        except (KeyboardInterrupt, Stopped) as e:  # before the Trainer ran: nothing to save
+            signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+            print(f"stopped by {signal_name(signum)} during start-up: nothing new was trained or saved",
+                  file=sys.stderr, flush=True)
+            return 128 + signum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,6 +503,9 @@ def _run(argv: list[str]) -> int:
             resume_ckpt = Path(args.resume)
             if not resume_ckpt.is_file():
                 raise UserError(f"--resume {args.resume}: no such checkpoint file (allowed: last, or a .ckpt path)")
+        problem = checkpoint_problem(resume_ckpt)  # its bytes changed since it was saved (digest file)
+        if problem:
+            raise UserError(f"{problem}: resume from another checkpoint in {resume_ckpt.parent} (--resume PATH)")
         saved_cfg = load_checkpoint_config(resume_ckpt)
         saved_names = {"task": saved_cfg.get("task"), "optimizer": (saved_cfg.get("optimizer") or {}).get("name")}
         for flag, value in (("task", args.task), ("optimizer", args.optimizer)):
@@ -697,32 +714,44 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
         "started_at": started_at,
     }
 
-    status, code = "failed", 1
+    status, code, failure, summary_error = "failed", 1, None, None
     t0 = time.time()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-        status, code = ("interrupted", 130) if run_cb.interrupted else ("completed", 0)
+        status, code = ("interrupted", run_cb.exit_code()) if run_cb.interrupted else ("completed", 0)
         if status == "completed" and args.test and _has_test_split(module, datamodule):
             # The paper's test curves end here: the final weights on the test split (test/* metrics).
             run_cb.fit_metrics = dict(trainer.callback_metrics)  # trainer.test replaces them
             trainer.test(module, datamodule=datamodule, verbose=False)
     except KeyboardInterrupt:
+        run_cb.interrupted = "SIGINT"
         status, code = "interrupted", 130
-    except SystemExit as e:  # Lightning's SIGTERMException, or its sys.exit(1) after a KeyboardInterrupt
-        status, code = "interrupted", 143 if type(e).__name__ == "SIGTERMException" else 130
+    except SystemExit:  # a stop signal at a step boundary (SIGTERMException), or Lightning's exit after a 2nd Ctrl-C
+        run_cb.interrupted = run_cb.interrupted or "SIGINT"
+        status, code = "interrupted", run_cb.exit_code()
+    except Stopped as e:  # a signal during set-up, the sanity check or the test: stopped at once
+        run_cb.interrupted = signal_name(e.signum)
+        status, code = "interrupted", e.code
+    except Exception as e:  # a disk that is full or read-only, a lost DDP rank: one line; anything else: a bug
+        run_cb.error = run_cb.error or run_cb.describe_failure(trainer, e)
+        if not run_cb.is_known_failure(trainer, e):
+            raise
+        failure = run_cb.error
     finally:
-        run_cb.restore_sigint()
-        if trainer.global_rank == 0:
+        if run_cb.writes_summary(trainer):
             provenance["device"] = _device_name(trainer)
             summary = run_cb.make_summary(
                 trainer=trainer, task=task_name, optimizer=optimizer_name, run_name=run_name, seed=cfg["seed"],
                 data_source=data_source, status=status, session_seconds=time.time() - t0,
                 best_ckpt=best, correlation=corr_cb.summary() if corr_cb is not None else None,
                 provenance=provenance, module=module)
-            run_cb.write_summary(summary)
-            if status != "failed":
+            summary_error = run_cb.write_summary(summary)
+            if status != "failed" and not summary_error:
                 _print_summary(summary)
                 print(str(run_dir), flush=True)
+    if failure or summary_error:
+        raise RunFailed("; ".join(m for m in (failure, summary_error and f"summary.json not written: {summary_error}")
+                                  if m))
     return code
 
 
