@@ -197,7 +197,10 @@ class RunCallback(Callback):
     def _take_over_signals(trainer) -> None:
         """Let Lightning register its signal handlers (it restores the previous ones at teardown, and
         handles SLURM's requeue signal), then put ours back for SIGINT/SIGTERM/SIGHUP (see "Stopping")."""
-        connector = trainer._signal_connector
+        connector = getattr(trainer, "_signal_connector", None)
+        if not hasattr(connector, "register_signal_handlers"):  # another Lightning: ours stay as they are
+            install_stop_handlers()
+            return
         if getattr(connector, "_adashift_pl_stop_signals", False):
             return
         register = connector.register_signal_handlers
