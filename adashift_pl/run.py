@@ -151,6 +151,7 @@ class RunCallback(Callback):
         self._last_saved_step: int | None = None  # of the newest checkpoint this session wrote
         self._trackers_restored = False  # resumed, and Lightning restored which checkpoints it keeps
         self._rank0: dict | None = None  # rank 0's host and pid (DDP): is it still there when a collective fails?
+        self._rank0_lost = False
         self._batches = self._next_check = self._check_batch = 0  # the DDP stop check's schedule
         self._check_t = 0.0
 
@@ -393,20 +394,29 @@ class RunCallback(Callback):
         cause = re.sub(r"^\[[^\]]*\]\s*", "", cause)  # drop gloo's source-file prefix
         cause = re.split(r"\.\s", cause, maxsplit=1)[0][:200]  # and its advice
         newest = f" (the newest from step {self._last_saved_step})" if self._last_saved_step is not None else ""
-        who = "rank 0 was lost" if self.rank0_gone() else "another rank was lost"
+        self._rank0_lost = self._rank0_exits()
+        who = "rank 0 was lost" if self._rank0_lost else "another rank was lost"
         return (f"DDP: {who} at step {trainer.global_step} (killed, crashed, or not answering within "
                 f"{self.ddp_timeout:g} s, see {DDP_TIMEOUT_ENV}); rank {trainer.global_rank} stopped: {cause}. "
                 f"No checkpoint can be taken without all ranks; the ones saved so far are kept{newest}: "
                 f"continue with --resume {self.run_dir / 'checkpoints' / 'last.ckpt'}")
 
-    def rank0_gone(self) -> bool:
-        """Rank 0 has exited (so this surviving rank writes summary.json). Known only on rank 0's host."""
+    def _rank0_exits(self, within_s: float = 3.0) -> bool:
+        """Rank 0 has exited, or does within a few seconds (a killed process closes its sockets, which
+        is how this rank noticed, a moment before it is gone). Known only on rank 0's host."""
         r0 = self._rank0
-        return bool(r0) and r0["pid"] != os.getpid() and r0["host"] == socket.gethostname() \
-            and _process_gone(int(r0["pid"]))
+        if not r0 or r0["pid"] == os.getpid() or r0["host"] != socket.gethostname():
+            return False
+        deadline = time.monotonic() + within_s
+        while not _process_gone(int(r0["pid"])):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def writes_summary(self, trainer) -> bool:
-        return trainer.global_rank == 0 or (self.error is not None and self.rank0_gone())
+        """Rank 0 writes summary.json; a surviving rank does when rank 0 itself was lost."""
+        return trainer.global_rank == 0 or self._rank0_lost
 
     def exit_code(self) -> int:
         return 128 + int(signal.Signals[self.interrupted]) if self.interrupted else 130
