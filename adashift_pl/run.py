@@ -2,10 +2,11 @@
 
 RunCallback: writes config.yaml and the TensorBoard hparams once, prints plain progress
 lines when stdout is not a terminal, tracks the best monitored metric and divergence
-(see `DIVERGE_FACTOR`), stops at a step boundary on SIGINT/SIGTERM/SIGHUP (see "Stopping"
-below), saves checkpoints/last.ckpt at the end of training and when stopped, stores the
-resolved config inside every checkpoint (so --resume can check the hyper-parameters),
-and builds summary.json. AtomicCheckpointIO: every checkpoint is written to a temporary
+(see `DIVERGE_FACTOR`), stops at a step boundary on SIGINT/SIGTERM/SIGHUP
+(adashift_pl.stopping; the ranks of a DDP run agree on the step), saves
+checkpoints/last.ckpt at the end of training and when stopped, stores the resolved
+config inside every checkpoint (so --resume can check the hyper-parameters), reports a
+full disk or a lost DDP rank in one line, and builds summary.json. AtomicCheckpointIO: every checkpoint is written to a temporary
 file in the same directory and renamed into place, with a sha256 digest file beside it
 (adashift_pl.files), so a crash never leaves a half-written checkpoint and a checkpoint
 whose bytes changed later is refused on --resume.
@@ -197,7 +198,7 @@ class RunCallback(Callback):
     @staticmethod
     def _take_over_signals(trainer) -> None:
         """Let Lightning register its signal handlers (it restores the previous ones at teardown, and
-        handles SLURM's requeue signal), then put ours back for SIGINT/SIGTERM/SIGHUP (see "Stopping")."""
+        handles SLURM's requeue signal), then put ours back for SIGINT/SIGTERM/SIGHUP (adashift_pl.stopping)."""
         connector = getattr(trainer, "_signal_connector", None)
         if not hasattr(connector, "register_signal_handlers"):  # another Lightning: ours stay as they are
             install_stop_handlers()
@@ -277,7 +278,7 @@ class RunCallback(Callback):
                 self._print_progress(trainer)
 
     def _agreed_stop(self, trainer) -> int | None:
-        """The stop signal every rank acts on after this batch, or None (see "Stopping").
+        """The stop signal every rank acts on after this batch, or None (adashift_pl.stopping).
 
         One process: the signal it received. DDP: one all_reduce (max) of [signal, -interval] about
         every STOP_CHECK_SECONDS -- no collective in between, and every rank checks at the same batch.

@@ -88,8 +88,9 @@ def install_stop_handlers() -> None:
 
 @contextlib.contextmanager
 def stop_signals():
-    """Around a whole training command: SIGINT/SIGTERM/SIGHUP stop it (see "Stopping"), and
-    DataLoader worker processes forked meanwhile do not see them (the main process stops them)."""
+    """Around a whole training command: SIGINT/SIGTERM/SIGHUP stop it (as the module docstring says),
+    and DataLoader worker processes forked meanwhile do not see them (the main process stops them).
+    The previous handlers are restored afterwards (train.main runs in-process in the tests)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -104,7 +105,8 @@ def stop_signals():
     finally:
         _quiet_forks.active = False
         for s, h in previous.items():
-            signal.signal(s, h)
+            if h is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(s, h)
 
 
 class _QuietForks:
