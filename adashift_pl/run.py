@@ -399,8 +399,15 @@ class RunCallback(Callback):
         who = "rank 0 was lost" if self._rank0_lost else "another rank was lost"
         return (f"DDP: {who} at step {trainer.global_step} (killed, crashed, or not answering within "
                 f"{self.ddp_timeout:g} s, see {DDP_TIMEOUT_ENV}); rank {trainer.global_rank} stopped: {cause}. "
-                f"No checkpoint can be taken without all ranks; the ones saved so far are kept{newest}: "
-                f"continue with --resume {self.run_dir / 'checkpoints' / 'last.ckpt'}")
+                f"No checkpoint can be taken without all ranks; the ones saved so far are kept{newest}"
+                + (f": continue with --resume {resume}" if (resume := self._newest_checkpoint()) else ""))
+
+    def _newest_checkpoint(self) -> Path | None:
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return last
+        found = sorted((self.run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
 
     def _rank0_exits(self, within_s: float = 3.0) -> bool:
         """Rank 0 has exited, or does within a few seconds (a killed process closes its sockets, which

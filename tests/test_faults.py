@@ -320,7 +320,9 @@ def _start_ddp(tmp_path, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, **(env or {})})
     run_dir = tmp_path / "quadratic" / "adam" / "version_0"
-    wait_for(lambda: list((run_dir / "checkpoints").glob("periodic-*.ckpt")), proc, 300, "periodic checkpoint")
+    ckpt_dir = run_dir / "checkpoints"  # the first periodic checkpoint and last.ckpt beside it (saved just after)
+    wait_for(lambda: list(ckpt_dir.glob("periodic-*.ckpt")) and (ckpt_dir / "last.ckpt").exists(),
+             proc, 300, "periodic checkpoint and last.ckpt")
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) == 1, children  # rank 1, started by Lightning from rank 0
     return proc, int(children[0]), run_dir
