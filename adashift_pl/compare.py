@@ -57,6 +57,7 @@ from typing import Any, Callable, Sequence
 from adashift_pl.config import SECTIONS, load_yaml, parse_value, shipped_path, split_overrides, sweep_names, sweep_path
 from adashift_pl.errors import UserError
 from adashift_pl.files import atomic_write_text, read_json
+from adashift_pl.stopping import INTERRUPTED_EXIT_CODES
 
 STDERR_TAIL_LINES = 40
 # train.py flags (besides the dotted overrides) that go unchanged to every run, with an example value
@@ -354,7 +355,7 @@ def outcome(rc: int | None, summary: dict | None) -> str:
     status = (summary or {}).get("status")
     if rc == 0 and status == "completed":
         return "completed"
-    if status == "interrupted" and rc in (130, 143):
+    if status == "interrupted" and rc in INTERRUPTED_EXIT_CODES:
         return "interrupted"
     return "failed"
 

@@ -2,25 +2,31 @@
 
 RunCallback: writes config.yaml and the TensorBoard hparams once, prints plain progress
 lines when stdout is not a terminal, tracks the best monitored metric and divergence
-(see `DIVERGE_FACTOR`),
-stops cleanly on SIGINT, saves checkpoints/last.ckpt at the end of training and on
-SIGTERM, stores the resolved config inside every checkpoint (so --resume can check the
-hyper-parameters), and builds summary.json. AtomicCheckpointIO: every checkpoint is
-written to a temporary file in the same directory and renamed into place, so a crash
-never leaves a half-written checkpoint. StepTensorBoardLogger: TensorBoard's x-axis in
-the same step count as everything else (optimizer steps taken, trainer.global_step).
+(see `DIVERGE_FACTOR`), stops at a step boundary on SIGINT/SIGTERM/SIGHUP
+(adashift_pl.stopping; the ranks of a DDP run agree on the step), saves
+checkpoints/last.ckpt at the end of training and when stopped, stores the resolved
+config inside every checkpoint (so --resume can check the hyper-parameters), reports a
+full disk or a lost DDP rank in one line, and builds summary.json. AtomicCheckpointIO: every
+checkpoint is written to a temporary file in the same directory and renamed into place, with
+a sha256 digest file beside it (adashift_pl.files), so a crash never leaves a half-written
+checkpoint and a checkpoint whose bytes changed later is refused on --resume.
+StepTensorBoardLogger: TensorBoard's x-axis in the same step count as everything else
+(optimizer steps taken, trainer.global_step).
 
-Only rank 0 writes files (Lightning's own checkpoint saving is rank-0 already).
+Only rank 0 writes files (Lightning's own checkpoint saving is rank-0 already), except
+that a surviving rank writes summary.json when rank 0 itself was lost.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
+import os
+import re
 import signal
+import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from adashift_pl.config import dump_yaml, plain
-from adashift_pl.files import atomic_write, atomic_write_text
+from adashift_pl.stopping import DDP_TIMEOUT_ENV, STATE, ddp_timeout_seconds, install_stop_handlers, signal_name
+from adashift_pl.files import (
+    DIGEST_SUFFIX,
+    WriteError,
+    atomic_write_text,
+    atomic_write_with_digest,
+    orphan_temporaries,
+    remove_with_digest,
+)
 
 
 # A run has diverged when a logged loss (a metric whose name ends in "loss") is non-finite, or
@@ -48,10 +62,44 @@ def is_loss_key(name: str) -> bool:
     return name.endswith(("loss", "loss_step", "loss_epoch"))
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temporary file in the same directory, fsync, then os.replace into place."""
+    """torch.save to a temporary file in the same directory, fsync, then os.replace into place;
+    `NAME.sha256` beside it. Removing a checkpoint (Lightning's keep-the-latest-k) removes both."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        atomic_write(Path(path), lambda f: torch.save(checkpoint, f), binary=True)
+        atomic_write_with_digest(Path(path), lambda f: torch.save(checkpoint, f))
+
+    def remove_checkpoint(self, path) -> None:
+        remove_with_digest(Path(path))
+
+
+# Under DDP the ranks must stop at the same step, so they agree through one small all_reduce of
+# the signal about every STOP_CHECK_SECONDS (every batch when batches are slower; the interval
+# in batches is the shortest any rank asks for, so all ranks check at the same batches).
+STOP_CHECK_SECONDS = 0.5
+STOP_CHECK_MAX_BATCHES = 1000
+
+
+def is_lost_rank(e: BaseException) -> bool:
+    """A collective failed: another rank died (connection reset/closed), or did not answer in time."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and re.search(
+        r"gloo|nccl|connection (reset|closed) by peer|timed out|timeout", str(e), re.I) is not None
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed process whose parent has not reaped it yet is a zombie: gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def planned_steps(trainer) -> int | None:
@@ -120,7 +168,9 @@ class RunCallback(Callback):
         self.monitor = monitor
         self.ckpt_key = ckpt_key
         self.interactive = interactive
-        self.interrupted: str | None = None  # "SIGINT" / "SIGTERM" once a signal arrived
+        self.interrupted: str | None = None  # "SIGINT" / "SIGTERM" / "SIGHUP" once the run stops for it
+        self.error: str | None = None  # one line: why the run failed (summary.json "error")
+        self.ddp_timeout = ddp_timeout_seconds()  # checked now: a bad value is a user error before training
         self.best: dict | None = None
         self.diverged = False
         self.diverged_reason: str | None = None
@@ -132,7 +182,12 @@ class RunCallback(Callback):
         self._last_print_step = -1
         self._print_t = time.time()
         self._print_step = 0
-        self._previous_sigint = None
+        self._last_saved_step: int | None = None  # of the newest checkpoint this session wrote
+        self._trackers_restored = False  # resumed, and Lightning restored which checkpoints it keeps
+        self._rank0: dict | None = None  # rank 0's host and pid (DDP): is it still there when a collective fails?
+        self._rank0_lost = False
+        self._batches = self._next_check = self._check_batch = 0  # the DDP stop check's schedule
+        self._check_t = 0.0
 
     # ---- state across --resume -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -147,12 +202,29 @@ class RunCallback(Callback):
         self.loss_reference = {str(k): float(v) for k, v in (state_dict.get("loss_reference") or {}).items()}
         self.prior_seconds = float(state_dict.get("wall_seconds", 0.0))
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get("callbacks") or {}
+        self._trackers_restored = all(isinstance(states.get(cb.state_key), dict)
+                                      and states[cb.state_key].get("dirpath") == cb.dirpath
+                                      for cb in trainer.checkpoint_callbacks)
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[self.ckpt_key] = {"config": self.config, "run_dir": str(self.run_dir)}
+        self._last_saved_step = int(trainer.global_step)
 
     # ---- start ---------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._t0 = time.time()
+        self._take_over_signals(trainer)
+        STATE.speak = trainer.global_rank == 0
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            if hasattr(torch.distributed, "set_timeout"):  # (recent torch); the start-up rendezvous keeps the default
+                torch.distributed.set_timeout(_dt.timedelta(seconds=self.ddp_timeout))
+            # Ranks started by torchrun/srun did not learn rank 0's run directory from it (Lightning's
+            # own launcher passes it on in the environment): take it from rank 0 now.
+            info = trainer.strategy.broadcast({"run_dir": str(self.run_dir), "host": socket.gethostname(),
+                                               "pid": os.getpid()}, src=0)
+            self.run_dir, self._rank0 = Path(info["run_dir"]), info
         for logger in trainer.loggers:
             if isinstance(logger, StepTensorBoardLogger):
                 logger.step_trainer = trainer
@@ -161,6 +233,25 @@ class RunCallback(Callback):
                 _ = logger.experiment
         if trainer.global_rank == 0:
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.config))
+
+    @staticmethod
+    def _take_over_signals(trainer) -> None:
+        """Let Lightning register its signal handlers (it restores the previous ones at teardown, and
+        handles SLURM's requeue signal), then put ours back for SIGINT/SIGTERM/SIGHUP (adashift_pl.stopping)."""
+        connector = getattr(trainer, "_signal_connector", None)
+        if not hasattr(connector, "register_signal_handlers"):  # another Lightning: ours stay as they are
+            install_stop_handlers()
+            return
+        if getattr(connector, "_adashift_pl_stop_signals", False):
+            return
+        register = connector.register_signal_handlers
+
+        def register_then_ours():
+            register()
+            install_stop_handlers()
+
+        connector.register_signal_handlers = register_then_ours
+        connector._adashift_pl_stop_signals = True
 
     def on_fit_start(self, trainer, pl_module) -> None:
         for logger in trainer.loggers:  # rank-zero-only inside the logger
@@ -174,38 +265,46 @@ class RunCallback(Callback):
             print(f"training {self.config['task']} with {self.config['optimizer']['name']}: "
                   f"{planned}, run dir {self.run_dir}", flush=True)
         self._print_t, self._print_step = time.time(), trainer.global_step
-        self._install_sigint()
+        if trainer.global_rank == 0:
+            self._tidy_checkpoints(trainer)
+        self._batches, self._next_check, self._check_batch, self._check_t = 0, 1, 0, time.monotonic()
+        STATE.deferred = True  # from here a signal stops the run at the next step boundary
 
-    def _install_sigint(self) -> None:
-        """While training: first Ctrl-C finishes the step, saves last.ckpt, exits 130; a second aborts.
-
-        Installed only around the training loop, so Ctrl-C during set-up (e.g. a download) acts at once.
-        """
-        if threading.current_thread() is not threading.main_thread() or self._previous_sigint is not None:
+    def _tidy_checkpoints(self, trainer) -> None:
+        """What a killed earlier session of this run left in checkpoints/: temporary files of writes
+        it did not finish, and checkpoints that Lightning's keep-the-latest-k no longer knows (written
+        after the checkpoint this session resumed from, or lost track of when the process was killed
+        between writing a periodic checkpoint and last.ckpt) -- they would never be rotated out."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        if not ckpt_dir.is_dir():
             return
-
-        def handler(signum, frame):
-            if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = "SIGINT"
-            print("\ninterrupt: stopping after this step and saving checkpoints/last.ckpt "
-                  "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-
-        self._previous_sigint = signal.signal(signal.SIGINT, handler)
-
-    def restore_sigint(self) -> None:
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+        known = {os.path.realpath(ckpt_dir / "last.ckpt")}  # ModelCheckpoint keeps real paths
+        for cb in trainer.checkpoint_callbacks:
+            known.update(os.path.realpath(p) for p in (*getattr(cb, "best_k_models", {}),
+                                                       getattr(cb, "best_model_path", ""),
+                                                       getattr(cb, "last_model_path", ""),
+                                                       getattr(cb, "kth_best_model_path", "")) if p)
+        stale = [p for p in ckpt_dir.glob("*.ckpt") if os.path.realpath(p) not in known]
+        if not self._trackers_restored:  # Lightning did not restore what it tracks (e.g. the run dir moved)
+            stale = []
+        orphan_digests = [p for p in ckpt_dir.glob("*.ckpt" + DIGEST_SUFFIX)
+                          if not p.with_name(p.name[:-len(DIGEST_SUFFIX)]).exists()]
+        for p in orphan_temporaries(ckpt_dir) + orphan_temporaries(self.run_dir) + orphan_digests + stale:
+            try:
+                remove_with_digest(p)
+            except OSError:  # a read-only checkpoints/: the first checkpoint write will say so
+                pass
+        if stale:
+            print(f"removed {len(stale)} checkpoint file(s) of an earlier session that this one replaces: "
+                  f"{', '.join(sorted(p.name for p in stale))}", flush=True)
 
     # ---- every step ----------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce_boolean_decision(bool(self.interrupted), all=False)
-            if flag and not self.interrupted:
-                self.interrupted = "SIGINT"
-        if self.interrupted:
-            trainer.should_stop = True
+        signum = self._agreed_stop(trainer)
+        if signum:
+            # Lightning's own way out of the loop at a step boundary; on_exception saves last.ckpt
+            self.interrupted = signal_name(signum)
+            raise SIGTERMException
         step = trainer.global_step
         if not self.loss_reference:
             # Until a loss has been logged, look every step: the divergence reference is the
@@ -217,6 +316,30 @@ class RunCallback(Callback):
             self._check_finite(trainer)
             if trainer.global_rank == 0 and not self.interactive:
                 self._print_progress(trainer)
+
+    def _agreed_stop(self, trainer) -> int | None:
+        """The stop signal every rank acts on after this batch, or None (adashift_pl.stopping).
+
+        One process: the signal it received. DDP: one all_reduce (max) of [signal, -interval] about
+        every STOP_CHECK_SECONDS -- no collective in between, and every rank checks at the same batch.
+        """
+        if trainer.world_size == 1:
+            return STATE.signum
+        self._batches += 1
+        if self._batches < self._next_check:
+            return None
+        now = time.monotonic()
+        per_batch = (now - self._check_t) / max(self._batches - self._check_batch, 1)
+        # at most twice the last interval: a machine that slows down is followed within a few checks
+        last = max(self._batches - self._check_batch, 1)
+        want = int(min(max(STOP_CHECK_SECONDS / max(per_batch, 1e-9), 1), 2 * last, STOP_CHECK_MAX_BATCHES))
+        t = torch.tensor([STATE.signum or 0, -want], dtype=torch.int64, device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        signum, neg_interval = t.tolist()
+        self._check_t, self._check_batch, self._next_check = now, self._batches, self._batches - neg_interval
+        if signum and STATE.signum is None:  # another rank's signal: this one stops too, and quietly waits
+            STATE.signum = signum
+        return signum or None
 
     def _print_every(self, trainer) -> int:
         n = max(1, trainer.log_every_n_steps or 1)
@@ -270,13 +393,80 @@ class RunCallback(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         # The final state as last.ckpt (Lightning's save_last only fires with a periodic save).
         trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-        self.restore_sigint()
+        # A signal after the last step (e.g. during the final validation): the fit is complete, but
+        # the test is not started; all ranks agree on that (one last check).
+        self._next_check = 0
+        signum = self._agreed_stop(trainer)
+        if signum:
+            self.interrupted = signal_name(signum)
+        STATE.deferred = False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            # Raised by Lightning's loop at a step boundary: the state is consistent, keep it.
-            self.interrupted = "SIGTERM"
+        if isinstance(exception, SIGTERMException) and STATE.deferred:
+            # Raised at a step boundary (by on_train_batch_end, on every rank at the same batch):
+            # the state is consistent, keep it.
+            self.interrupted = self.interrupted or signal_name(STATE.signum or signal.SIGTERM)
             trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        STATE.deferred = False
+        if isinstance(exception, Exception) and self.error is None:
+            self.error = self.describe_failure(trainer, exception)
+        if trainer.world_size > 1 and is_lost_rank(exception):
+            launcher = trainer.strategy.launcher
+            if trainer.global_rank == 0 and launcher is not None and getattr(launcher, "procs", None):
+                # The ranks Lightning started from this process would otherwise wait (or, if stopped,
+                # stay) forever; they hold no files.
+                launcher.kill(signal.SIGKILL)
+
+    def is_known_failure(self, trainer, e: BaseException) -> bool:
+        """A fault of the machine, not of the code: reported in one line, no traceback."""
+        return isinstance(e, WriteError) or (trainer.world_size > 1 and is_lost_rank(e))
+
+    def describe_failure(self, trainer, e: BaseException) -> str:
+        """One line for summary.json's "error" (and the terminal, for a known failure)."""
+        if trainer.world_size > 1 and is_lost_rank(e):
+            return self._lost_rank_message(trainer, e)
+        if isinstance(e, WriteError):
+            return f"{e}; the previous version of that file and the other checkpoints are kept"
+        return " ".join(f"{type(e).__name__}: {e}".split())[:2000]
+
+    def _lost_rank_message(self, trainer, exception) -> str:
+        cause = " ".join(str(exception).split())
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", cause)  # drop gloo's source-file prefix
+        cause = re.split(r"\.\s", cause, maxsplit=1)[0][:200]  # and its advice
+        newest = f" (the newest from step {self._last_saved_step})" if self._last_saved_step is not None else ""
+        self._rank0_lost = self._rank0_exits()
+        who = "rank 0 was lost" if self._rank0_lost else "another rank was lost"
+        return (f"DDP: {who} at step {trainer.global_step} (killed, crashed, or not answering within "
+                f"{self.ddp_timeout:g} s, see {DDP_TIMEOUT_ENV}); rank {trainer.global_rank} stopped: {cause}. "
+                f"No checkpoint can be taken without all ranks; the ones saved so far are kept{newest}"
+                + (f": continue with --resume {resume}" if (resume := self._newest_checkpoint()) else ""))
+
+    def _newest_checkpoint(self) -> Path | None:
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return last
+        found = sorted((self.run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+
+    def _rank0_exits(self, within_s: float = 3.0) -> bool:
+        """Rank 0 has exited, or does within a few seconds (a killed process closes its sockets, which
+        is how this rank noticed, a moment before it is gone). Known only on rank 0's host."""
+        r0 = self._rank0
+        if not r0 or r0["pid"] == os.getpid() or r0["host"] != socket.gethostname():
+            return False
+        deadline = time.monotonic() + within_s
+        while not _process_gone(int(r0["pid"])):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def writes_summary(self, trainer) -> bool:
+        """Rank 0 writes summary.json; a surviving rank does when rank 0 itself was lost."""
+        return trainer.global_rank == 0 or self._rank0_lost
+
+    def exit_code(self) -> int:
+        return 128 + int(signal.Signals[self.interrupted]) if self.interrupted else 130
 
     def make_summary(self, *, trainer, task, optimizer, run_name, seed, data_source, status, session_seconds,
                      best_ckpt, correlation, provenance, module) -> dict:
@@ -295,7 +485,10 @@ class RunCallback(Callback):
                 extra = {"error": str(e)}
         return {
             "task": task, "optimizer": optimizer, "run_name": run_name, "run_dir": str(self.run_dir),
-            "seed": seed, "data_source": data_source, "status": status, "diverged": self.diverged,
+            "seed": seed, "data_source": data_source, "status": status,
+            "signal": self.interrupted if status == "interrupted" else None,
+            "error": self.error if status == "failed" else None,
+            "diverged": self.diverged,
             "diverged_reason": self.diverged_reason,
             "global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch),
             "wall_seconds": round(self.prior_seconds + session_seconds, 3),
@@ -309,8 +502,13 @@ class RunCallback(Callback):
             "extra": extra,
         }
 
-    def write_summary(self, summary: dict) -> None:
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+    def write_summary(self, summary: dict) -> str | None:
+        """Write summary.json; returns why it could not be written (disk full, ...), or None."""
+        try:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+        except WriteError as e:
+            return str(e)
+        return None
 
 
 def _json_safe(x):

@@ -55,6 +55,7 @@ from adashift_pl.compare import (
 )
 from adashift_pl.errors import UserError
 from adashift_pl.files import atomic_write_text, read_json
+from adashift_pl.stopping import INTERRUPTED_EXIT_CODES
 
 REQUEUE_SIGNAL = signal.SIGUSR1  # the batch shell's "save and requeue" (Lightning's choice too)
 MAX_STALLS = 3  # requeues in a row without a trained step before the run counts as failed
@@ -562,13 +563,13 @@ def run_task(sweep_dir: Path, name: str, echo: Callable[[str], None] = print) ->
     if rc < 0:  # killed by a signal: the shell's convention, as srun reports it
         rc = 128 - rc
     step_after = _trained_step(sweep_dir, combo)
-    requeue = asked["requeue"] and rc in (130, 143)
+    requeue = asked["requeue"] and rc in INTERRUPTED_EXIT_CODES
     if requeue:
         slurm_info["stalls"] = 0 if step_after > step_before else slurm_info["stalls"] + 1
         if slurm_info["stalls"] >= MAX_STALLS:
             requeue = False
             tail += f"\nrequeued {MAX_STALLS} times in a row without training a step: not requeued again"
-            rc = 1 if rc in (130, 143) else rc
+            rc = 1 if rc in INTERRUPTED_EXIT_CODES else rc
     slurm_info["requeued"] = requeue
     result, _ = record_run(sweep_dir, combo, cmd, rc, time.time() - started, tail, launcher=launcher,
                            started_at=datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),

@@ -13,8 +13,9 @@ the MomentCorrelation callback) -> fit -> summary.json in the run directory, who
 is the last line printed.
 
 User errors exit with code 2 and one line on stderr (no traceback). A completed run
-exits 0; a run stopped by SIGINT/SIGTERM exits 130/143 after saving
-checkpoints/last.ckpt and a summary.json with status "interrupted".
+exits 0; a run stopped by SIGINT/SIGTERM/SIGHUP exits 130/143/129 after saving
+checkpoints/last.ckpt and a summary.json with status "interrupted" (adashift_pl.stopping);
+a full or read-only disk or a lost DDP rank exits 1 with one line (status "failed").
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import datetime as _dt
 import inspect
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -41,6 +43,8 @@ from adashift_pl.config import (
     task_config_path,
 )
 from adashift_pl.errors import UserError, one_line
+from adashift_pl.files import checkpoint_problem
+from adashift_pl.stopping import RunFailed, Stopped, signal_name, stop_signals
 
 # Code defaults: the lowest layer of the config.
 DEFAULTS: dict[str, Any] = {
@@ -119,13 +123,23 @@ def user_message(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit code (0 ok, 2 user error, 130/143 interrupted)."""
+    """Run the command; returns the exit code (0 ok, 1 failed, 2 user error, 130/143/129 interrupted
+    by SIGINT/SIGTERM/SIGHUP)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return _run(argv)
-    except UserError as e:
-        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
-        return 2
+    with stop_signals():
+        try:
+            return _run(argv)
+        except UserError as e:
+            print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+            return 2
+        except RunFailed as e:  # summary.json (where it could be written) says the same
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
+        except (KeyboardInterrupt, Stopped) as e:  # before the Trainer ran: nothing to save
+            signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+            print(f"stopped by {signal_name(signum)} during start-up: nothing new was trained or saved",
+                  file=sys.stderr, flush=True)
+            return 128 + signum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,6 +426,43 @@ def next_version(root: Path) -> str:
     return f"version_{max(nums) + 1 if nums else 0}"
 
 
+def claim_run_dir(root: Path, run_name: str | None) -> tuple[Path, bool]:
+    """Make the run directory this run's alone: create its checkpoints/ with an exclusive mkdir
+    (atomic), so two runs started at the same moment never share one. version_N moves on to the
+    next N when another run got there first; a --run-name that holds a run is a UserError.
+    Returns the run directory and whether it was created here (see release_run_dir)."""
+    while True:
+        run_dir = root / (run_name or next_version(root))
+        try:
+            try:
+                run_dir.mkdir()
+                created = True
+            except FileExistsError:
+                created = False
+            (run_dir / "checkpoints").mkdir()
+            return run_dir, created
+        except FileExistsError:
+            if run_name:
+                raise UserError(f"run directory {run_dir} already holds a run: choose another --run-name, "
+                                f"or continue it with --resume {run_dir / 'checkpoints' / 'last.ckpt'}") from None
+        except OSError as e:
+            raise UserError(f"cannot create the run directory {run_dir} ({one_line(e)}): allowed is a "
+                            f"writable --log-dir and a plain --run-name") from None
+
+
+def release_run_dir(run_dir: Path, created: bool) -> None:
+    """Undo claim_run_dir when the command stopped before the run wrote anything there."""
+    ckpt_dir = run_dir / "checkpoints"
+    try:
+        untouched = ckpt_dir.is_dir() and not any(ckpt_dir.iterdir())
+        if untouched and [p.name for p in run_dir.iterdir()] == ["checkpoints"]:
+            ckpt_dir.rmdir()
+            if created:
+                run_dir.rmdir()
+    except OSError:
+        pass
+
+
 def _rank_from_env() -> int:
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "JSM_NAMESPACE_RANK"):
         if os.environ.get(var, "").isdigit():
@@ -527,6 +578,9 @@ def _run(argv: list[str], check_only: bool = False):
             resume_ckpt = Path(args.resume)
             if not resume_ckpt.is_file():
                 raise UserError(f"--resume {args.resume}: no such checkpoint file (allowed: last, or a .ckpt path)")
+        problem = checkpoint_problem(resume_ckpt)  # its bytes changed since it was saved (digest file)
+        if problem:
+            raise UserError(f"{problem}: resume from another checkpoint in {resume_ckpt.parent} (--resume PATH)")
         saved_cfg, checkpoint_shapes = read_checkpoint(resume_ckpt)
         saved_names = {"task": saved_cfg.get("task"), "optimizer": (saved_cfg.get("optimizer") or {}).get("name")}
         name_of = {"task": str, "optimizer": canonical_optimizer}  # max-adashift resumes an adashift run
@@ -610,6 +664,7 @@ def _run(argv: list[str], check_only: bool = False):
         run_dir = resume_ckpt.parent.parent
         log_dir = run_dir.parent.parent.parent
         run_name = run_dir.name
+        new_dir = False
         if args.run_name not in (None, run_name):
             raise UserError(f"--run-name {args.run_name} differs from the resumed run {run_dir}: a resumed run "
                             f"continues in its own directory; drop --run-name")
@@ -617,6 +672,7 @@ def _run(argv: list[str], check_only: bool = False):
         inherited = os.environ.get(RUN_NAME_ENV) if _rank_from_env() > 0 else None  # a DDP worker
         run_name = args.run_name or inherited or next_version(log_dir / task_name / optimizer_name)
         run_dir = log_dir / task_name / optimizer_name / run_name
+        new_dir = True
     try:  # a --log-dir that is a file or not writable: say so now, not in a traceback from the logger
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(run_dir.parent, os.W_OK | os.X_OK):
@@ -624,9 +680,10 @@ def _run(argv: list[str], check_only: bool = False):
     except OSError as e:
         raise UserError(f"cannot create the run directory under {log_dir} ({one_line(e)}): allowed is a "
                         f"writable directory for --log-dir") from None
-    if args.run_name and resume_ckpt is None and _rank_from_env() == 0 and (run_dir / "checkpoints").exists():
-        raise UserError(f"run directory {run_dir} already holds a run: choose another --run-name, "
-                        f"or continue it with --resume {run_dir / 'checkpoints' / 'last.ckpt'}")
+    claimed = None
+    if new_dir and _rank_from_env() == 0:  # rank 0 claims; other DDP ranks take its name (see RUN_NAME_ENV)
+        run_dir, claimed = claim_run_dir(run_dir.parent, args.run_name)
+        run_name = run_dir.name
 
     # Lightning's DDP launcher re-runs this command for ranks 1..N-1 with our environment: they
     # must use rank 0's run directory even if rank 0 creates it before they look.
@@ -634,6 +691,10 @@ def _run(argv: list[str], check_only: bool = False):
     os.environ[RUN_NAME_ENV] = run_name
     try:
         return _fit(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_ckpt, checkpoint_shapes)
+    except BaseException:
+        if claimed is not None:
+            release_run_dir(run_dir, created=claimed)
+        raise
     finally:
         if previous is None:
             os.environ.pop(RUN_NAME_ENV, None)
@@ -733,36 +794,48 @@ def _fit_inner(args, argv, cfg, task_module, run_dir, run_name, log_dir, resume_
         "started_at": started_at,
     }
 
-    status, code = "failed", 1
+    status, code, failure, summary_error = "failed", 1, None, None
     t0 = time.time()
     try:
         # weights_only=True: Lightning's own load of the resumed checkpoint is as safe as read_checkpoint's
         # (its default, None, defers to torch, which an environment variable can turn to a full unpickle).
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None,
                     weights_only=True)
-        status, code = ("interrupted", 130) if run_cb.interrupted else ("completed", 0)
+        status, code = ("interrupted", run_cb.exit_code()) if run_cb.interrupted else ("completed", 0)
         if status == "completed" and args.test and _has_test_split(module, datamodule):
             # The paper's test curves end here: the final weights on the test split (test/* metrics).
             run_cb.fit_metrics = dict(trainer.callback_metrics)  # trainer.test replaces them
             trainer.test(module, datamodule=datamodule, verbose=False)
     except KeyboardInterrupt:
+        run_cb.interrupted = "SIGINT"
         status, code = "interrupted", 130
-    except SystemExit as e:  # Lightning's SIGTERMException, or its sys.exit(1) after a KeyboardInterrupt
-        status, code = "interrupted", 143 if type(e).__name__ == "SIGTERMException" else 130
+    except SystemExit:  # a stop signal at a step boundary (SIGTERMException), or Lightning's exit after a 2nd Ctrl-C
+        run_cb.interrupted = run_cb.interrupted or "SIGINT"
+        status, code = "interrupted", run_cb.exit_code()
+    except Stopped as e:  # a signal during set-up, the sanity check or the test: stopped at once
+        run_cb.interrupted = signal_name(e.signum)
+        status, code = "interrupted", e.code
+    except Exception as e:  # a disk that is full or read-only, a lost DDP rank: one line; anything else: a bug
+        run_cb.error = run_cb.error or run_cb.describe_failure(trainer, e)
+        if not run_cb.is_known_failure(trainer, e):
+            raise
+        failure = run_cb.error
     finally:
-        run_cb.restore_sigint()
-        if trainer.global_rank == 0:
+        if run_cb.writes_summary(trainer):
             provenance["device"] = _device_name(trainer)
             summary = run_cb.make_summary(
                 trainer=trainer, task=task_name, optimizer=optimizer_name, run_name=run_name, seed=cfg["seed"],
                 data_source=data_source, status=status, session_seconds=time.time() - t0,
                 best_ckpt=best, correlation=corr_cb.summary() if corr_cb is not None else None,
                 provenance=provenance, module=module)
-            run_cb.write_summary(summary)
-            if status != "failed":
+            summary_error = run_cb.write_summary(summary)
+            if status != "failed" and not summary_error:
                 log_hparams_with_metrics(logger, hparams, summary)
                 _print_summary(summary)
                 print(str(run_dir), flush=True)
+    if failure or summary_error:
+        raise RunFailed("; ".join(m for m in (failure, summary_error and f"summary.json not written: {summary_error}")
+                                  if m))
     return code
 
 

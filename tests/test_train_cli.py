@@ -370,7 +370,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert torch.load(ckpt, weights_only=True) == {"step": 1}
     atomic_write_text(tmp_path / "summary.json", "{}\n")
     assert (tmp_path / "summary.json").read_text() == "{}\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256", "summary.json"]
 
 
 # ---- bad input found by a fault-injection pass: one line, exit 2, checked before training ----------
