@@ -299,12 +299,17 @@ class RunCallback(Callback):
                   f"{', '.join(sorted(p.name for p in stale))}", flush=True)
 
     # ---- every step ----------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # A signal during step k -- its forward/backward, optimizer step, every on_train_batch_end hook,
+        # the validation or checkpoint after it, an epoch's end -- stops the run here, before step k + 1
+        # begins: step k is complete in every counter (the epoch's end included), so resume is exact.
         signum = self._agreed_stop(trainer)
         if signum:
             # Lightning's own way out of the loop at a step boundary; on_exception saves last.ckpt
             self.interrupted = signal_name(signum)
             raise SIGTERMException
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if not self.loss_reference:
             # Until a loss has been logged, look every step: the divergence reference is the

@@ -1,7 +1,8 @@
 """How a training command stops on SIGINT, SIGTERM and SIGHUP (kept free of torch imports).
 
 SIGINT (Ctrl-C), SIGTERM (kill, a scheduler's time limit: SLURM) and SIGHUP (a closed terminal or
-ssh session) stop a run the same way: during training, the run stops at the next step boundary,
+ssh session) stop a run the same way: during training, the run finishes the current step (its
+hooks, and any validation, checkpoint or epoch end after it), stops before the next one begins,
 saves checkpoints/last.ckpt and a summary with status "interrupted", and exits 128 + the signal's
 number (130, 143, 129). During start-up, the sanity check or the final test nothing new is there
 to save, so the command stops at once with one line and the same exit code. A second Ctrl-C

@@ -44,7 +44,7 @@ from adashift_pl.config import (
 )
 from adashift_pl.errors import UserError, one_line
 from adashift_pl.files import checkpoint_problem
-from adashift_pl.stopping import RunFailed, Stopped, signal_name, stop_signals
+from adashift_pl.stopping import STATE, RunFailed, Stopped, signal_name, stop_signals
 
 # Code defaults: the lowest layer of the config.
 DEFAULTS: dict[str, Any] = {
@@ -140,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped by {signal_name(signum)} during start-up: nothing new was trained or saved",
                   file=sys.stderr, flush=True)
             return 128 + signum
+        except Exception:
+            if STATE.signum is None:
+                raise
+            # The signal's exception came inside code that turned it into another error (measured:
+            # numpy's C extension mid-import gives "ImportError: cannot load module more than once").
+            print(f"stopped by {signal_name(STATE.signum)} during start-up: nothing new was trained or saved",
+                  file=sys.stderr, flush=True)
+            return 128 + STATE.signum
 
 
 # ----------------------------------------------------------------------------------------------

@@ -233,11 +233,11 @@ def test_an_epoch_shortened_by_limit_train_batches_resumes_bit_identically(tmp_p
 
 def test_mnist_ctrl_c_at_an_epoch_end_resumed_with_two_workers_is_bit_identical(tmp_path, monkeypatch):
     assert fit(tmp_path / "full", *MNIST, "--trainer.max_steps", "25") == 0
-    ctrl_c_at(monkeypatch, 9)
+    ctrl_c_at(monkeypatch, 10)
     assert fit(tmp_path / "part", *MNIST, "--trainer.max_steps", "25") == 130
     monkeypatch.undo()
     ckpt, summary = final(tmp_path / "part")
-    # Ctrl-C finishes the next step: exactly the end of epoch 0
+    # Ctrl-C in epoch 0's last step: the run stops before step 11, exactly at the end of epoch 0
     assert summary["status"] == "interrupted" and ckpt["global_step"] == 10 and ckpt["epoch"] == 1
     # resumed with 2 DataLoader workers (the first session had none): the same batches
     assert fit(tmp_path / "part", "--task", "mnist_logreg", "--optimizer", "adam", "--resume", "last",
@@ -266,7 +266,7 @@ def test_epoch_based_run_interrupted_mid_epoch_resumes_bit_identically(tmp_path,
     assert fit(tmp_path / "part", *epochs) == 130
     monkeypatch.undo()
     ckpt, _ = final(tmp_path / "part")
-    assert ckpt["global_step"] == 14 and ckpt["epoch"] == 1
+    assert ckpt["global_step"] == 13 and ckpt["epoch"] == 1  # the step the signal came in, mid-epoch 1
     assert fit(tmp_path / "part", "--task", "mnist_logreg", "--optimizer", "adam", "--resume", "last") == 0
     assert_same_end(tmp_path / "full", tmp_path / "part")
     assert final(tmp_path / "full")[1]["global_step"] == 30

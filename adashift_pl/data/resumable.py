@@ -102,12 +102,17 @@ class ResumableLoader(DataLoader):
         self._epoch, self._batches = getattr(sampler, "epoch", 0), 0
         self._resume_at: tuple[int, int] | None = None
 
-    def position(self, epoch_length: int | None = None) -> dict[str, int]:
+    def position(self, epoch_length: int | None = None, trained: int | None = None) -> dict[str, int]:
         """Where the next batch comes from: {"epoch", "batches"}; after the epoch's last batch (the
-        loader's length, or the trainer's `epoch_length` under limit_train_batches), the next epoch."""
-        if self._batches >= (epoch_length or len(self)):
+        loader's length, or the trainer's `epoch_length` under limit_train_batches), the next epoch.
+
+        `trained`: how many of this epoch's batches the trainer has trained on. The loader hands out
+        batches ahead of training (Lightning fetches one ahead, and a run stopped at a step boundary
+        has fetched the batch it will not train on); those do not count."""
+        batches = self._batches if trained is None else min(self._batches, trained)
+        if batches >= (epoch_length or len(self)):
             return {"epoch": self._epoch + 1, "batches": 0}
-        return {"epoch": self._epoch, "batches": self._batches}
+        return {"epoch": self._epoch, "batches": batches}
 
     def resume(self, position: dict[str, int]) -> None:
         epoch, batches = int(position["epoch"]), int(position["batches"])
@@ -168,8 +173,13 @@ class ResumableDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         if self._train_loader is None:
             return {}
-        epoch_length = self.trainer.num_training_batches if self.trainer is not None else None
-        return {"train_loader": self._train_loader.position(epoch_length)}
+        trainer, loader = self.trainer, self._train_loader
+        if trainer is None:
+            return {"train_loader": loader.position()}
+        trained = None
+        if trainer.training and loader._epoch == trainer.current_epoch:  # inside the epoch the loader is in
+            trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_loader": loader.position(trainer.num_training_batches, trained)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_position = state_dict.get("train_loader")
