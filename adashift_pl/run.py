@@ -408,7 +408,7 @@ class RunCallback(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and STATE.deferred:
-            # Raised at a step boundary (by on_train_batch_end, on every rank at the same batch):
+            # Raised at a step boundary (by on_train_batch_start, on every rank at the same batch):
             # the state is consistent, keep it.
             self.interrupted = self.interrupted or signal_name(STATE.signum or signal.SIGTERM)
             trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)

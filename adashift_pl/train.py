@@ -135,19 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         except RunFailed as e:  # summary.json (where it could be written) says the same
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 1
-        except (KeyboardInterrupt, Stopped) as e:  # before the Trainer ran: nothing to save
-            signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        except (KeyboardInterrupt, Stopped, Exception) as e:  # before the Trainer ran: nothing to save
+            if isinstance(e, Stopped):
+                signum = e.signum
+            elif isinstance(e, KeyboardInterrupt):
+                signum = signal.SIGINT
+            elif STATE.signum is not None:
+                # The signal's exception came inside code that turned it into another error (measured:
+                # numpy's C extension mid-import gives "ImportError: cannot load module more than once").
+                signum = STATE.signum
+            else:
+                raise
             print(f"stopped by {signal_name(signum)} during start-up: nothing new was trained or saved",
                   file=sys.stderr, flush=True)
             return 128 + signum
-        except Exception:
-            if STATE.signum is None:
-                raise
-            # The signal's exception came inside code that turned it into another error (measured:
-            # numpy's C extension mid-import gives "ImportError: cannot load module more than once").
-            print(f"stopped by {signal_name(STATE.signum)} during start-up: nothing new was trained or saved",
-                  file=sys.stderr, flush=True)
-            return 128 + STATE.signum
 
 
 # ----------------------------------------------------------------------------------------------

@@ -197,17 +197,16 @@ def test_signal_to_the_process_group_stops_at_a_step_with_a_checkpoint(tmp_path,
 def test_signal_during_start_up_is_one_line(tmp_path, inject, sig, turned_into):
     """turned_into: the code the signal interrupted turned its exception into another error (numpy's C
     extension mid-import raises "ImportError: cannot load module more than once per process")."""
-    catch = f"""
-            except BaseException:
-                raise {turned_into}("cannot load module more than once per process")""" if turned_into else ""
     script = inject(f"""
         from adashift_pl import train as _train
         real = _train.build_task
         def build_task(*args, **kwargs):
             try:
-                os.kill(os.getpid(), {int(sig)})  # arrives while the task is being built{catch}
-            finally:
-                pass
+                os.kill(os.getpid(), {int(sig)})  # arrives while the task is being built
+            except BaseException:
+                if {turned_into}:
+                    raise {turned_into}("cannot load module more than once per process")
+                raise
             return real(*args, **kwargs)
         _train.build_task = build_task
     """)

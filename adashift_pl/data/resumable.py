@@ -106,9 +106,9 @@ class ResumableLoader(DataLoader):
         """Where the next batch comes from: {"epoch", "batches"}; after the epoch's last batch (the
         loader's length, or the trainer's `epoch_length` under limit_train_batches), the next epoch.
 
-        `trained`: how many of this epoch's batches the trainer has trained on. The loader hands out
-        batches ahead of training (Lightning fetches one ahead, and a run stopped at a step boundary
-        has fetched the batch it will not train on); those do not count."""
+        `trained`: how many of this epoch's batches the trainer has trained on. A run stopped by a
+        signal stops after Lightning fetched the next step's batch (adashift_pl.run.RunCallback
+        .on_train_batch_start); that batch was handed out but not trained on, so it does not count."""
         batches = self._batches if trained is None else min(self._batches, trained)
         if batches >= (epoch_length or len(self)):
             return {"epoch": self._epoch + 1, "batches": 0}
@@ -177,7 +177,7 @@ class ResumableDataModule(L.LightningDataModule):
         if trainer is None:
             return {"train_loader": loader.position()}
         trained = None
-        if trainer.training and loader._epoch == trainer.current_epoch:  # inside the epoch the loader is in
+        if trainer.training and loader._epoch == trainer.current_epoch:  # training the loader's epoch
             trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"train_loader": loader.position(trainer.num_training_batches, trained)}
 
